@@ -1,0 +1,188 @@
+"""Python dicts and lists <-> dsd state dicts (dsd_state_dict trees)."""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+from . import _tensor
+from ._errors import call
+from ._lib import ffi, lib
+
+
+class StateDict:
+    """Owns one reference to a dsd container (dict or list). Frees it when collected."""
+
+    __slots__ = ("_ptr",)
+
+    def __init__(self, ptr):
+        self._ptr = ffi.gc(ptr, lib.dsd_state_dict_free)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    @classmethod
+    def new(cls) -> "StateDict":
+        out = ffi.new("dsd_state_dict**")
+        call(lib.dsd_state_dict_new, out)
+        return cls(out[0])
+
+    @classmethod
+    def from_python(cls, obj: Mapping) -> "StateDict":
+        return cls(to_dsd(obj))
+
+    def to_python(self):
+        return to_python(self._ptr)
+
+    def __len__(self) -> int:
+        out = ffi.new("size_t*")
+        call(lib.dsd_state_dict_size, self._ptr, out)
+        return out[0]
+
+    def equal(self, other: "StateDict") -> tuple[bool, str]:
+        out = ffi.new("bool*")
+        why = ffi.new("char[]", 512)
+        call(lib.dsd_state_dict_equal, self._ptr, other._ptr, out, why, 512)
+        return bool(out[0]), ffi.string(why).decode()
+
+
+def _is_tensor(v) -> bool:
+    return hasattr(v, "__dlpack__") and hasattr(v, "__dlpack_device__")
+
+
+def _put(sd, key, value, path: str) -> None:
+    k = ffi.NULL if key is None else key
+    if value is None:
+        call(lib.dsd_state_dict_set_none, sd, k)
+    elif isinstance(value, bool):
+        call(lib.dsd_state_dict_set_bool, sd, k, value)
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise OverflowError(f"{path}: int {value} does not fit in int64")
+        call(lib.dsd_state_dict_set_int, sd, k, value)
+    elif isinstance(value, float):
+        call(lib.dsd_state_dict_set_double, sd, k, value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        call(lib.dsd_state_dict_set_string, sd, k, data, len(data))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        call(lib.dsd_state_dict_set_bytes, sd, k, data, len(data))
+    elif isinstance(value, io.BytesIO):
+        data = value.getvalue()
+        call(lib.dsd_state_dict_set_bytes, sd, k, data, len(data))
+    elif _is_tensor(value):
+        bits = _tensor.handle_from_tensor(value)
+        try:
+            call(lib.dsd_state_dict_set_tensor, sd, k, ffi.new("dsd_tensor*", {"bits": bits})[0])
+        finally:
+            _tensor.release(bits)
+    elif isinstance(value, (Mapping, list, tuple)):
+        child = to_dsd(value, path)
+        try:
+            call(lib.dsd_state_dict_set_child, sd, k, child)
+        finally:
+            lib.dsd_state_dict_free(child)
+    else:
+        raise ValueError(f"Unexpected value type {type(value)} at {path or '<root>'}")
+
+
+def to_dsd(obj, path: str = ""):
+    """A new dsd container (caller frees) holding a copy of the structure of `obj`; tensors
+    are shared, not copied."""
+    out = ffi.new("dsd_state_dict**")
+    if isinstance(obj, Mapping):
+        call(lib.dsd_state_dict_new, out)
+        sd = out[0]
+        try:
+            keys = list(obj.keys())
+            int_keyed = bool(keys) and all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
+            if int_keyed:
+                call(lib.dsd_state_dict_set_int_keys, sd, True)
+            for k, v in obj.items():
+                if int_keyed:
+                    key = str(k)
+                elif isinstance(k, str):
+                    key = k
+                else:
+                    raise TypeError(f"{path or '<root>'}: key {k!r} is not a str (or all ints)")
+                _put(sd, key.encode("utf-8"), v, f"{path}.{key}" if path else key)
+        except BaseException:
+            lib.dsd_state_dict_free(sd)
+            raise
+        return sd
+    if isinstance(obj, (list, tuple)):
+        call(lib.dsd_state_dict_new_list, isinstance(obj, tuple), out)
+        sd = out[0]
+        try:
+            for i, v in enumerate(obj):
+                _put(sd, None, v, f"{path}.{i}" if path else str(i))
+        except BaseException:
+            lib.dsd_state_dict_free(sd)
+            raise
+        return sd
+    raise TypeError(f"expected a dict, list or tuple, got {type(obj)}")
+
+
+def _get(sd, i: int, kind: int):
+    if kind == lib.DSD_KIND_NONE:
+        return None
+    if kind == lib.DSD_KIND_BOOL:
+        out = ffi.new("bool*")
+        call(lib.dsd_state_dict_get_bool, sd, i, out)
+        return bool(out[0])
+    if kind == lib.DSD_KIND_INT:
+        out = ffi.new("int64_t*")
+        call(lib.dsd_state_dict_get_int, sd, i, out)
+        return int(out[0])
+    if kind == lib.DSD_KIND_DOUBLE:
+        out = ffi.new("double*")
+        call(lib.dsd_state_dict_get_double, sd, i, out)
+        return float(out[0])
+    if kind in (lib.DSD_KIND_STRING, lib.DSD_KIND_BYTES):
+        data = ffi.new("void**") if kind == lib.DSD_KIND_BYTES else ffi.new("char**")
+        n = ffi.new("size_t*")
+        if kind == lib.DSD_KIND_STRING:
+            call(lib.dsd_state_dict_get_string, sd, i, data, n)
+            return ffi.unpack(data[0], n[0]).decode("utf-8")
+        call(lib.dsd_state_dict_get_bytes, sd, i, data, n)
+        return ffi.unpack(ffi.cast("char*", data[0]), n[0])
+    if kind == lib.DSD_KIND_TENSOR:
+        out = ffi.new("dsd_tensor*")
+        call(lib.dsd_state_dict_get_tensor, sd, i, out)
+        try:
+            return _tensor.tensor_from_handle(out[0].bits)
+        finally:
+            _tensor.release(out[0].bits)
+    out = ffi.new("dsd_state_dict**")
+    call(lib.dsd_state_dict_get_child, sd, i, out)
+    try:
+        return to_python(out[0])
+    finally:
+        lib.dsd_state_dict_free(out[0])
+
+
+def to_python(sd):
+    """A Python dict or list (or tuple) with the structure of a dsd container."""
+    kind = ffi.new("dsd_kind*")
+    is_tuple = ffi.new("bool*")
+    call(lib.dsd_state_dict_container_kind, sd, kind, is_tuple)
+    n = ffi.new("size_t*")
+    call(lib.dsd_state_dict_size, sd, n)
+    k = ffi.new("dsd_kind*")
+    if kind[0] == lib.DSD_KIND_LIST:
+        items = []
+        for i in range(n[0]):
+            call(lib.dsd_state_dict_kind, sd, i, k)
+            items.append(_get(sd, i, k[0]))
+        return tuple(items) if is_tuple[0] else items
+    int_keyed = ffi.new("bool*")
+    call(lib.dsd_state_dict_int_keys, sd, int_keyed)
+    key = ffi.new("char**")
+    result = {}
+    for i in range(n[0]):
+        call(lib.dsd_state_dict_key, sd, i, key)
+        name = ffi.string(key[0]).decode("utf-8")
+        call(lib.dsd_state_dict_kind, sd, i, k)
+        result[int(name) if int_keyed[0] else name] = _get(sd, i, k[0])
+    return result

@@ -1,0 +1,174 @@
+"""Tensors in and out of dsd by DLPack, without copying."""
+from __future__ import annotations
+
+import ctypes
+
+from ._errors import Error, call
+from ._lib import ffi, lib
+
+# Capsule names must outlive every capsule: module-level bytes objects.
+_NAME_V0 = b"dltensor"
+_NAME_V1 = b"dltensor_versioned"
+_USED_V0 = b"used_dltensor"
+_USED_V1 = b"used_dltensor_versioned"
+
+_api = ctypes.pythonapi
+_capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", _api))
+_capsule_get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", _api))
+_capsule_set_name = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_SetName", _api))
+_capsule_is_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", _api))
+# Inside a capsule destructor the capsule is already dying: touch it by address only.
+_capsule_is_valid_raw = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", _api))
+_capsule_get_raw = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", _api))
+
+_Destructor = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+@_Destructor
+def _free_unused_v1(capsule):
+    # Called when a capsule we made is collected; if no consumer took it, its tensor is ours.
+    if _capsule_is_valid_raw(capsule, _NAME_V1):
+        lib.dsd_dlpack_versioned_free(
+            ffi.cast("struct DLManagedTensorVersioned*", _capsule_get_raw(capsule, _NAME_V1)))
+
+
+@_Destructor
+def _free_unused_v0(capsule):
+    if _capsule_is_valid_raw(capsule, _NAME_V0):
+        lib.dsd_dlpack_free(ffi.cast("struct DLManagedTensor*", _capsule_get_raw(capsule, _NAME_V0)))
+
+
+_free_v1_ptr = ctypes.cast(_free_unused_v1, ctypes.c_void_p)
+_free_v0_ptr = ctypes.cast(_free_unused_v0, ctypes.c_void_p)
+
+
+def handle_from_capsule(capsule) -> int:
+    """Takes a DLPack capsule (v1 "dltensor_versioned" or v0 "dltensor"), marks it used, and
+    returns a new tensor handle's bits. dsd owns the tensor from then on."""
+    out = ffi.new("dsd_tensor*")
+    if _capsule_is_valid(capsule, _NAME_V1):
+        ptr = _capsule_get(capsule, _NAME_V1)
+        _capsule_set_name(capsule, _USED_V1)
+        call(lib.dsd_tensor_from_dlpack_versioned, ffi.cast("struct DLManagedTensorVersioned*", ptr), out)
+    elif _capsule_is_valid(capsule, _NAME_V0):
+        ptr = _capsule_get(capsule, _NAME_V0)
+        _capsule_set_name(capsule, _USED_V0)
+        call(lib.dsd_tensor_from_dlpack, ffi.cast("struct DLManagedTensor*", ptr), out)
+    else:
+        raise TypeError("expected an unused DLPack capsule ('dltensor_versioned' or 'dltensor')")
+    return out[0].bits
+
+
+def handle_from_tensor(tensor, versioned: bool = True) -> int:
+    """A new handle to a torch tensor (or anything with __dlpack__), sharing its memory."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach()  # DLPack refuses tensors that require grad; storage is shared
+    if versioned:
+        capsule = tensor.__dlpack__(max_version=(1, 0))
+    else:
+        capsule = tensor.__dlpack__()
+    return handle_from_capsule(capsule)
+
+
+def capsule_from_handle(bits: int, versioned: bool = True):
+    """A new DLPack capsule of a handle's tensor (the handle stays valid)."""
+    h = ffi.new("dsd_tensor*", {"bits": bits})[0]
+    if versioned:
+        out = ffi.new("struct DLManagedTensorVersioned**")
+        call(lib.dsd_tensor_to_dlpack_versioned, h, out)
+        return _capsule_new(int(ffi.cast("uintptr_t", out[0])), _NAME_V1, _free_v1_ptr)
+    out = ffi.new("struct DLManagedTensor**")
+    call(lib.dsd_tensor_to_dlpack, h, out)
+    return _capsule_new(int(ffi.cast("uintptr_t", out[0])), _NAME_V0, _free_v0_ptr)
+
+
+class _Carrier:
+    """What torch.from_dlpack() consumes: hands out one capsule of a handle's tensor."""
+
+    def __init__(self, bits: int, device):
+        self._bits = bits
+        self._device = device
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        del stream, dl_device, copy  # same device, never a copy
+        versioned = max_version is not None and tuple(max_version) >= (1, 0)
+        return capsule_from_handle(self._bits, versioned)
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def info(bits: int):
+    out = ffi.new("dsd_tensor_info*")
+    call(lib.dsd_tensor_info_get, ffi.new("dsd_tensor*", {"bits": bits})[0], out)
+    return out[0]
+
+
+def tensor_from_handle(bits: int):
+    """The torch tensor behind a handle, sharing its memory (the handle stays valid)."""
+    import torch
+
+    i = info(bits)
+    return torch.from_dlpack(_Carrier(bits, (i.device.type, i.device.index)))
+
+
+def release(bits: int) -> None:
+    call(lib.dsd_tensor_release, ffi.new("dsd_tensor*", {"bits": bits})[0])
+
+
+class Tensor:
+    """A dsd tensor handle owned by Python: released when collected (or by release())."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self, bits: int):
+        self._bits = bits
+
+    @classmethod
+    def from_torch(cls, tensor, versioned: bool = True) -> "Tensor":
+        return cls(handle_from_tensor(tensor, versioned))
+
+    @classmethod
+    def from_capsule(cls, capsule) -> "Tensor":
+        return cls(handle_from_capsule(capsule))
+
+    @property
+    def bits(self) -> int:
+        if self._bits == 0:
+            raise Error(lib.DSD_E_STALE_HANDLE, "tensor handle was released")
+        return self._bits
+
+    def to_torch(self):
+        return tensor_from_handle(self.bits)
+
+    def to_capsule(self, versioned: bool = True):
+        return capsule_from_handle(self.bits, versioned)
+
+    def info(self):
+        return info(self.bits)
+
+    def release(self) -> None:
+        if self._bits:
+            bits, self._bits = self._bits, 0
+            release(bits)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        i = self.info()
+        return _Carrier(self.bits, (i.device.type, i.device.index)).__dlpack__(
+            stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self):
+        i = self.info()
+        return (i.device.type, i.device.index)

@@ -1,0 +1,341 @@
+/* dsd: distributed state dicts and checkpoints, as PyTorch's torch.distributed.checkpoint.
+ *
+ * This file is the C ABI and its specification. It holds only what Python's cffi parses
+ * as it is (no #include, no #if, integer #defines only), so bindings load it verbatim:
+ * C and C++ include <dsd/dsd.h>, which wraps it.
+ *
+ * Conventions, for every function below:
+ * - A fallible function returns dsd_status (DSD_OK == 0) and takes `dsd_error** err` last.
+ *   `err` may be NULL. On failure, when `err` is not NULL, *err receives a new error object
+ *   (whatever it held before is overwritten, not freed) that the caller frees with
+ *   dsd_error_free(). On success *err is left alone. Nothing ever throws.
+ * - Outputs come last before `err` and are written only on success: on failure there is
+ *   nothing to clean up.
+ * - Root objects (dsd_state_dict, dsd_model, ...) are opaque pointers with a _new and a
+ *   _free; _free(NULL) is a no-op. Tensors are value handles (dsd_tensor), checked on every
+ *   use: a released, double-released, zeroed or wrong-kind handle is an error code
+ *   (DSD_E_STALE_HANDLE, DSD_E_WRONG_KIND), never undefined behaviour.
+ * - Strings passed in are NUL-terminated UTF-8 and copied if kept. Strings handed out are
+ *   borrowed from the object they come from, valid until that object is modified or freed.
+ * - Threads: functions on distinct objects may run concurrently; the tensor handle table is
+ *   internally locked. One object (a state dict, a model) needs external serialisation for
+ *   writes; reads of an object nobody writes may run concurrently. Collective functions
+ *   (those taking a communicator, directly or through a model) are called by every rank in
+ *   the same order.
+ */
+
+/* ============================================================================================
+ * Versions
+ * ========================================================================================== */
+
+/* The ABI this header describes: bindings compare it with dsd_abi_version() and refuse a
+ * library of another major version. The major version is also the soname's. */
+#define DSD_ABI_VERSION_MAJOR 1
+#define DSD_ABI_VERSION_MINOR 0
+
+/* (major << 16) | minor of the loaded library. Any thread. */
+uint32_t dsd_abi_version(void);
+
+/* The library's semantic version, e.g. "0.1.0". Static storage. Any thread. */
+const char* dsd_version_string(void);
+
+/* ============================================================================================
+ * Status codes and errors
+ * ========================================================================================== */
+
+typedef int32_t dsd_status;
+#define DSD_OK 0
+#define DSD_E_INVALID_ARGUMENT 1  /* a NULL pointer, a bad option, a malformed argument */
+#define DSD_E_STALE_HANDLE 2      /* a released, double-released or zeroed handle */
+#define DSD_E_WRONG_KIND 3        /* a handle or value of another kind than asked for */
+#define DSD_E_NOT_FOUND 4         /* a missing key, file or entry */
+#define DSD_E_UNEXPECTED_KEY 5    /* a key the target does not have */
+#define DSD_E_DTYPE_MISMATCH 6    /* wrong or unknown dtype */
+#define DSD_E_SHAPE_MISMATCH 7    /* wrong shape or size */
+#define DSD_E_DEVICE 8            /* unsupported or mixed devices */
+#define DSD_E_IO 9                /* the file system failed */
+#define DSD_E_CORRUPT 10          /* a checksum, header or bound in a file is wrong */
+#define DSD_E_EXISTS 11           /* refusing to overwrite */
+#define DSD_E_COMM 12             /* a collective failed or a peer rank died */
+#define DSD_E_TIMEOUT 13          /* a wait ran past its limit */
+#define DSD_E_NO_SPACE 14         /* disk full or file size limit reached */
+#define DSD_E_UNSUPPORTED 15      /* a valid request this build cannot serve */
+#define DSD_E_OUT_OF_MEMORY 16
+#define DSD_E_INTERNAL 17         /* a bug in dsd or an unexpected library failure */
+#define DSD_E_BUFFER_TOO_SMALL 18 /* the caller's buffer is too small; call again larger */
+#define DSD_E_ABI_MISMATCH 19
+#define DSD_E_STATE 20            /* the object is not in a state that allows the call */
+#define DSD_E_CALLBACK 21         /* a callback supplied by the caller reported failure */
+#define DSD_E_READ_ONLY 22        /* writing into a tensor imported as read-only */
+
+typedef struct dsd_error dsd_error;
+
+/* The error's status code (DSD_E_INVALID_ARGUMENT for NULL). Any thread. */
+dsd_status dsd_error_code(const dsd_error* error);
+
+/* The error's message: one sentence naming the key, tensor or file concerned. Borrowed from
+ * `error`, valid until dsd_error_free(). Never NULL ("" for a NULL error). */
+const char* dsd_error_message(const dsd_error* error);
+
+/* The key or file the error is about, or "" when there is none. Borrowed like the message. */
+const char* dsd_error_context(const dsd_error* error);
+
+/* Frees an error object. NULL is a no-op. */
+void dsd_error_free(dsd_error* error);
+
+/* A short stable name for a status code ("ok", "not_found", ...); "unknown" otherwise.
+ * Static storage. */
+const char* dsd_status_name(dsd_status status);
+
+/* The message of the last error raised on the calling OS thread, or "" if none. A
+ * convenience only: Go goroutines and Julia tasks move between threads, so prefer `err`.
+ * Valid until the next failing dsd call on this thread. */
+const char* dsd_last_error_message(void);
+
+/* ============================================================================================
+ * Element types and devices
+ * ========================================================================================== */
+
+typedef int32_t dsd_dtype;
+#define DSD_DTYPE_BOOL 1
+#define DSD_DTYPE_U8 2
+#define DSD_DTYPE_I8 3
+#define DSD_DTYPE_I16 4
+#define DSD_DTYPE_I32 5
+#define DSD_DTYPE_I64 6
+#define DSD_DTYPE_F16 7
+#define DSD_DTYPE_BF16 8
+#define DSD_DTYPE_F32 9
+#define DSD_DTYPE_F64 10
+#define DSD_DTYPE_C64 11
+#define DSD_DTYPE_C128 12
+#define DSD_DTYPE_F8_E4M3FN 13
+#define DSD_DTYPE_F8_E5M2 14
+#define DSD_DTYPE_U16 15
+#define DSD_DTYPE_U32 16
+#define DSD_DTYPE_U64 17
+
+/* Bytes per element of a dtype; 0 for an unknown code. */
+size_t dsd_dtype_size(dsd_dtype dtype);
+
+/* PyTorch's name of a dtype without "torch." ("float32", "bfloat16"); NULL for an unknown
+ * code. Static storage. */
+const char* dsd_dtype_name(dsd_dtype dtype);
+
+/* Device types use DLPack's numbers. */
+#define DSD_DEVICE_CPU 1
+#define DSD_DEVICE_CUDA 2
+
+typedef struct dsd_device {
+  int32_t type;  /* DSD_DEVICE_* */
+  int32_t index; /* device ordinal; 0 for the CPU */
+} dsd_device;
+
+/* ============================================================================================
+ * Tensors
+ *
+ * A dsd_tensor names a tensor dsd refers to without copying it: memory imported by DLPack
+ * (whose deleter dsd calls exactly once, when the last reference is gone) or memory the
+ * caller describes by pointer. Handles are values: copy them freely; release each handle
+ * returned to you exactly once with dsd_tensor_release(). State dicts and models keep their
+ * own references, so releasing a handle after handing it to them is safe.
+ *
+ * DLPack structs are the ones of <dlpack/dlpack.h> (v0 and v1); this header only names
+ * them. In Python pass the capsule's pointer.
+ * ========================================================================================== */
+
+typedef struct dsd_tensor {
+  uint64_t bits; /* slot, generation and kind; 0 is never a valid handle */
+} dsd_tensor;
+
+struct DLManagedTensor;
+struct DLManagedTensorVersioned;
+
+/* Imports a DLPack v0 tensor (the legacy "dltensor" capsule payload). Takes ownership of
+ * `src` in every case: on failure its deleter has already been called. CPU and CUDA
+ * memory; CUDA needs a libtorch built with CUDA (otherwise DSD_E_DEVICE).
+ * Returns DSD_E_INVALID_ARGUMENT, DSD_E_DTYPE_MISMATCH, DSD_E_DEVICE, DSD_E_UNSUPPORTED. */
+dsd_status dsd_tensor_from_dlpack(struct DLManagedTensor* src, dsd_tensor* out, dsd_error** err);
+
+/* Imports a DLPack v1 tensor (what __dlpack__(max_version=(1, 0)) gives). As above; a major
+ * version other than 1 is refused with DSD_E_UNSUPPORTED; the read-only flag is kept and
+ * dsd never writes into such a tensor (DSD_E_READ_ONLY). */
+dsd_status dsd_tensor_from_dlpack_versioned(struct DLManagedTensorVersioned* src, dsd_tensor* out,
+                                            dsd_error** err);
+
+/* Called once with `user_data` when dsd no longer refers to memory the caller lent it. May
+ * run on any thread that drops the last reference. */
+typedef void (*dsd_release_fn)(void* user_data);
+
+/* Wraps memory the caller owns: `ndim` dimensions of `shape`, `strides` in elements (NULL:
+ * contiguous row-major), elements of `dtype` on `device`. Borrows `data`; `release` (may be
+ * NULL) is called once with `user_data` when dsd lets go of it, also if this call fails.
+ * Without `release` the caller keeps the memory alive while any dsd object refers to it.
+ * Returns DSD_E_INVALID_ARGUMENT (NULL data with elements, negative sizes, NULL shape with
+ * ndim > 0), DSD_E_DTYPE_MISMATCH (unknown dtype), DSD_E_DEVICE, DSD_E_UNSUPPORTED
+ * (negative strides). */
+dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
+                                const int64_t* strides, dsd_device device, bool read_only,
+                                dsd_release_fn release, void* user_data, dsd_tensor* out,
+                                dsd_error** err);
+
+/* Exports a tensor as DLPack v0 / v1, without copying. The caller owns *out and calls its
+ * deleter when done; the data stays valid until then, even after the handle is released.
+ * The v1 export carries the read-only flag. */
+dsd_status dsd_tensor_to_dlpack(dsd_tensor tensor, struct DLManagedTensor** out, dsd_error** err);
+dsd_status dsd_tensor_to_dlpack_versioned(dsd_tensor tensor, struct DLManagedTensorVersioned** out,
+                                          dsd_error** err);
+
+/* Calls a DLPack tensor's deleter (for C callers without <dlpack/dlpack.h>, and bindings).
+ * NULL is a no-op. */
+void dsd_dlpack_free(struct DLManagedTensor* tensor);
+void dsd_dlpack_versioned_free(struct DLManagedTensorVersioned* tensor);
+
+/* Releases a handle. The tensor lives on while a state dict, model or DLPack export still
+ * refers to it. Returns DSD_E_STALE_HANDLE for a released or zeroed handle,
+ * DSD_E_WRONG_KIND for a handle that is not a tensor's. */
+dsd_status dsd_tensor_release(dsd_tensor tensor, dsd_error** err);
+
+/* A new handle to the same tensor, released separately. */
+dsd_status dsd_tensor_retain(dsd_tensor tensor, dsd_tensor* out, dsd_error** err);
+
+typedef struct dsd_tensor_info {
+  dsd_dtype dtype;
+  int32_t ndim;
+  dsd_device device;
+  void* data;     /* address of the first element (NULL for an empty tensor) */
+  int64_t numel;
+  size_t nbytes;  /* numel * element size */
+  bool read_only;
+  bool contiguous;
+} dsd_tensor_info;
+
+/* Describes a tensor. */
+dsd_status dsd_tensor_info_get(dsd_tensor tensor, dsd_tensor_info* out, dsd_error** err);
+
+/* Copies the shape (strides, in elements) into `out[0..ndim)`. DSD_E_BUFFER_TOO_SMALL when
+ * `capacity` < ndim. */
+dsd_status dsd_tensor_shape(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err);
+dsd_status dsd_tensor_strides(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err);
+
+/* ============================================================================================
+ * State dicts
+ *
+ * A dsd_state_dict is a container of a state-dict tree: an ordered dict with string keys (a
+ * state dict, or a nested dict in one) or a list (a tuple when created as one). Values are
+ * None, bool, int64, double, string, bytes, tensor, or another container. Containers are
+ * shared by reference, as in Python: dsd_state_dict_get_child() returns a new reference to
+ * the same nested container, and dsd_state_dict_set_child() stores a reference.
+ * Every container reference is freed with dsd_state_dict_free().
+ *
+ * Writing: on a dict, `key` names the entry (replaced in place if present, else appended);
+ * on a list, `key` must be NULL and the value is appended.
+ * Reading: by position `index` in [0, size), in insertion order, for dicts and lists;
+ * dsd_state_dict_find() gives the position of a dict key.
+ * ========================================================================================== */
+
+typedef struct dsd_state_dict dsd_state_dict;
+
+typedef int32_t dsd_kind;
+#define DSD_KIND_NONE 0
+#define DSD_KIND_BOOL 1
+#define DSD_KIND_INT 2
+#define DSD_KIND_DOUBLE 3
+#define DSD_KIND_STRING 4
+#define DSD_KIND_BYTES 5
+#define DSD_KIND_TENSOR 6
+#define DSD_KIND_LIST 7
+#define DSD_KIND_DICT 8
+
+/* A new empty dict. Free with dsd_state_dict_free(). */
+dsd_status dsd_state_dict_new(dsd_state_dict** out, dsd_error** err);
+
+/* A new empty list (a tuple if `is_tuple`, which only matters to Python). */
+dsd_status dsd_state_dict_new_list(bool is_tuple, dsd_state_dict** out, dsd_error** err);
+
+/* Drops this reference. NULL is a no-op. */
+void dsd_state_dict_free(dsd_state_dict* sd);
+
+/* DSD_KIND_DICT or DSD_KIND_LIST; *is_tuple tells a tuple (may be NULL). */
+dsd_status dsd_state_dict_container_kind(const dsd_state_dict* sd, dsd_kind* out, bool* is_tuple,
+                                         dsd_error** err);
+
+/* Int-keyed dicts: keys stand for integers, as in PyTorch's positional optimizer state
+ * `{"state": {0: {...}}}`. Keys stay decimal strings in the C ABI ("0", "-3"); the flag says
+ * they were ints, so Python gets ints back. Setting the flag on a dict holding a key that is
+ * not a decimal int64 is DSD_E_INVALID_ARGUMENT, as is adding such a key later. */
+dsd_status dsd_state_dict_int_keys(const dsd_state_dict* sd, bool* out, dsd_error** err);
+dsd_status dsd_state_dict_set_int_keys(dsd_state_dict* sd, bool int_keys, dsd_error** err);
+
+/* Number of entries. */
+dsd_status dsd_state_dict_size(const dsd_state_dict* sd, size_t* out, dsd_error** err);
+
+/* Position of `key` in a dict. DSD_E_NOT_FOUND if absent (the message names the key),
+ * DSD_E_WRONG_KIND on a list. */
+dsd_status dsd_state_dict_find(const dsd_state_dict* sd, const char* key, size_t* out,
+                               dsd_error** err);
+
+/* The key at a position of a dict. Borrowed, valid until `sd` is modified or freed. */
+dsd_status dsd_state_dict_key(const dsd_state_dict* sd, size_t index, const char** out,
+                              dsd_error** err);
+
+/* The kind of the value at a position. */
+dsd_status dsd_state_dict_kind(const dsd_state_dict* sd, size_t index, dsd_kind* out,
+                               dsd_error** err);
+
+/* Readers by position. DSD_E_WRONG_KIND if the value is of another kind (an int is not
+ * read as a double), DSD_E_INVALID_ARGUMENT for an index out of range.
+ * get_string/get_bytes: borrowed pointer and length, valid until `sd` is modified or freed
+ * (strings are NUL-terminated too). get_tensor: a new handle, which the caller releases.
+ * get_child: a new container reference, which the caller frees. */
+dsd_status dsd_state_dict_get_bool(const dsd_state_dict* sd, size_t index, bool* out, dsd_error** err);
+dsd_status dsd_state_dict_get_int(const dsd_state_dict* sd, size_t index, int64_t* out, dsd_error** err);
+dsd_status dsd_state_dict_get_double(const dsd_state_dict* sd, size_t index, double* out,
+                                     dsd_error** err);
+dsd_status dsd_state_dict_get_string(const dsd_state_dict* sd, size_t index, const char** data,
+                                     size_t* len, dsd_error** err);
+dsd_status dsd_state_dict_get_bytes(const dsd_state_dict* sd, size_t index, const void** data,
+                                    size_t* len, dsd_error** err);
+dsd_status dsd_state_dict_get_tensor(const dsd_state_dict* sd, size_t index, dsd_tensor* out,
+                                     dsd_error** err);
+dsd_status dsd_state_dict_get_child(const dsd_state_dict* sd, size_t index, dsd_state_dict** out,
+                                    dsd_error** err);
+
+/* Writers (see the section comment for `key`). set_tensor keeps its own reference: the
+ * caller still releases `tensor`. set_child stores a reference to `child` (the caller still
+ * frees its own); a container cannot be stored inside itself (DSD_E_INVALID_ARGUMENT). */
+dsd_status dsd_state_dict_set_none(dsd_state_dict* sd, const char* key, dsd_error** err);
+dsd_status dsd_state_dict_set_bool(dsd_state_dict* sd, const char* key, bool value, dsd_error** err);
+dsd_status dsd_state_dict_set_int(dsd_state_dict* sd, const char* key, int64_t value, dsd_error** err);
+dsd_status dsd_state_dict_set_double(dsd_state_dict* sd, const char* key, double value,
+                                     dsd_error** err);
+dsd_status dsd_state_dict_set_string(dsd_state_dict* sd, const char* key, const char* data,
+                                     size_t len, dsd_error** err);
+dsd_status dsd_state_dict_set_bytes(dsd_state_dict* sd, const char* key, const void* data,
+                                    size_t len, dsd_error** err);
+dsd_status dsd_state_dict_set_tensor(dsd_state_dict* sd, const char* key, dsd_tensor tensor,
+                                     dsd_error** err);
+dsd_status dsd_state_dict_set_child(dsd_state_dict* sd, const char* key, dsd_state_dict* child,
+                                    dsd_error** err);
+
+/* Removes the entry at a position. */
+dsd_status dsd_state_dict_remove(dsd_state_dict* sd, size_t index, dsd_error** err);
+
+/* Flattens nested containers to dot-joined keys as PyTorch DCP does ("state.l.weight.step";
+ * list indices as numbers; lists without tensors and tuples stay whole). *flat_out is a new
+ * dict of leaves; *mapping_out a new dict from each flat key to its path, a list of strings
+ * (dict keys) and ints (list indices). Both are freed by the caller.
+ * DSD_E_INVALID_ARGUMENT "duplicated flatten key ..." when two paths join to one key. */
+dsd_status dsd_state_dict_flatten(const dsd_state_dict* sd, dsd_state_dict** flat_out,
+                                  dsd_state_dict** mapping_out, dsd_error** err);
+
+/* The inverse: nests `flat` along the paths in `mapping` (a key without a mapping stays at
+ * the top), creating dicts and lists, padding lists with None. */
+dsd_status dsd_state_dict_unflatten(const dsd_state_dict* flat, const dsd_state_dict* mapping,
+                                    dsd_state_dict** out, dsd_error** err);
+
+/* Whether two trees are equal: same keys in the same order, equal scalars, tensors of equal
+ * dtype, shape and bytes. When they differ, the first difference is described in `why` (at
+ * most `why_capacity` bytes with the NUL; `why` may be NULL). */
+dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b, bool* out,
+                                char* why, size_t why_capacity, dsd_error** err);

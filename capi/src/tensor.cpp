@@ -1,0 +1,182 @@
+// Tensor handles: DLPack import and export, caller memory, introspection.
+#include "capi/src/export.h"
+
+#include <ATen/dlpack.h>
+
+#include <cstring>
+
+#include "capi/src/guard.h"
+#include "capi/src/tensors.h"
+#include "core/tensor/dlpack.h"
+#include "core/tensor/dtype_torch.h"
+
+namespace dsd::capi {
+
+TensorTable& tensor_table() {
+  static TensorTable* table = new TensorTable();  // never destroyed: handles outlive statics
+  return *table;
+}
+
+namespace {
+
+Status copy_dims(c10::IntArrayRef dims, int64_t* out, size_t capacity, const char* what) {
+  TRY(require(out, "out"));
+  if (capacity < dims.size()) {
+    return make_error(Code::kBufferTooSmall, "{} needs room for {} values, {} given", what,
+                      dims.size(), capacity);
+  }
+  std::copy(dims.begin(), dims.end(), out);
+  return ok();
+}
+
+}  // namespace
+}  // namespace dsd::capi
+
+using dsd::Code;
+using dsd::capi::guard;
+using dsd::capi::require;
+
+extern "C" {
+
+dsd_status dsd_tensor_from_dlpack(struct DLManagedTensor* src, dsd_tensor* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    if (out == nullptr) {
+      // Ownership was passed to us: honour it even though we cannot answer.
+      if (src != nullptr && src->deleter != nullptr) src->deleter(src);
+      return dsd::Error(Code::kInvalidArgument, "out is NULL");
+    }
+    dsd::ImportedTensor t = TRY(dsd::import_dlpack(src));
+    *out = dsd::capi::make_handle({std::move(t.tensor), nullptr, t.read_only});
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_from_dlpack_versioned(struct DLManagedTensorVersioned* src, dsd_tensor* out,
+                                            dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    if (out == nullptr) {
+      if (src != nullptr && src->deleter != nullptr) src->deleter(src);
+      return dsd::Error(Code::kInvalidArgument, "out is NULL");
+    }
+    dsd::ImportedTensor t = TRY(dsd::import_dlpack_versioned(src));
+    *out = dsd::capi::make_handle({std::move(t.tensor), nullptr, t.read_only});
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
+                                const int64_t* strides, dsd_device device, bool read_only,
+                                dsd_release_fn release, void* user_data, dsd_tensor* out,
+                                dsd_error** err) {
+  // The release callback is owed exactly once, whatever happens.
+  struct Owed {
+    dsd_release_fn fn;
+    void* user_data;
+    ~Owed() {
+      if (fn != nullptr) fn(user_data);
+    }
+  } owed{release, user_data};
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    if (ndim < 0) return dsd::make_error(Code::kInvalidArgument, "ndim is negative ({})", ndim);
+    if (ndim > 0) TRY(require(shape, "shape"));
+    auto dt = dsd::dtype_from_code(dtype);
+    if (!dt) return dsd::make_error(Code::kDtypeMismatch, "unknown dtype code {}", dtype);
+    c10::Device dev(c10::DeviceType::CPU);
+    if (device.type == DSD_DEVICE_CUDA) {
+      dev = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device.index));
+    } else if (device.type != DSD_DEVICE_CPU) {
+      return dsd::make_error(Code::kDevice, "unknown device type {}", device.type);
+    }
+    dsd::Blob blob;
+    blob.data = data;
+    blob.dtype = *dt;
+    blob.shape = {shape, static_cast<size_t>(ndim)};
+    if (strides != nullptr) blob.strides = {strides, static_cast<size_t>(ndim)};
+    blob.device = dev;
+    if (owed.fn != nullptr) {
+      blob.release = [fn = owed.fn, ud = owed.user_data] { fn(ud); };
+      owed.fn = nullptr;  // now owed by the blob
+    }
+    at::Tensor t = TRY(dsd::tensor_from_blob(std::move(blob)));
+    *out = dsd::capi::make_handle({std::move(t), nullptr, read_only});
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_to_dlpack(dsd_tensor tensor, struct DLManagedTensor** out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    *out = TRY(dsd::export_dlpack(v.tensor));
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_to_dlpack_versioned(dsd_tensor tensor, struct DLManagedTensorVersioned** out,
+                                          dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    *out = TRY(dsd::export_dlpack_versioned(v.tensor, v.read_only));
+    return dsd::ok();
+  });
+}
+
+void dsd_dlpack_free(struct DLManagedTensor* tensor) {
+  if (tensor != nullptr && tensor->deleter != nullptr) tensor->deleter(tensor);
+}
+
+void dsd_dlpack_versioned_free(struct DLManagedTensorVersioned* tensor) {
+  if (tensor != nullptr && tensor->deleter != nullptr) tensor->deleter(tensor);
+}
+
+dsd_status dsd_tensor_release(dsd_tensor tensor, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status { return dsd::capi::tensor_table().release(tensor.bits); });
+}
+
+dsd_status dsd_tensor_retain(dsd_tensor tensor, dsd_tensor* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    *out = dsd::capi::make_handle(std::move(v));
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_info_get(dsd_tensor tensor, dsd_tensor_info* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    const at::Tensor& t = v.tensor;
+    const dsd::DType dt = TRY(dsd::dtype_from_scalar_type(t.scalar_type()));
+    dsd_tensor_info info{};
+    info.dtype = static_cast<dsd_dtype>(dt);
+    info.ndim = static_cast<int32_t>(t.dim());
+    info.device = t.is_cuda() ? dsd_device{DSD_DEVICE_CUDA, t.device().index()}
+                              : dsd_device{DSD_DEVICE_CPU, 0};
+    info.numel = t.numel();
+    info.data = info.numel == 0 ? nullptr : t.data_ptr();
+    info.nbytes = static_cast<size_t>(info.numel) * dsd::element_size(dt);
+    info.read_only = v.read_only;
+    info.contiguous = t.is_contiguous();
+    *out = info;
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_shape(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    return dsd::capi::copy_dims(v.tensor.sizes(), out, capacity, "shape");
+  });
+}
+
+dsd_status dsd_tensor_strides(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    return dsd::capi::copy_dims(v.tensor.strides(), out, capacity, "strides");
+  });
+}
+
+}  // extern "C"

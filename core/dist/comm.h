@@ -1,0 +1,69 @@
+// Communicator: the collectives dsd needs, over libtorch's c10d process groups (Gloo on CPU,
+// NCCL on GPU) or over a caller-owned ncclComm_t.
+//
+// Every collective is called by all ranks in the same order. A failure (a dead peer, a
+// timeout) is returned as an Error (kComm or kTimeout) on every rank that notices it; ranks
+// that do not notice it directly learn of it at the next agree(). Communicators are shared
+// (std::shared_ptr) by meshes, layouts and state dicts; one communicator is used by one thread
+// at a time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/base/result.h"
+
+namespace dsd {
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // The device collectives run on: CPU for Gloo, CUDA for NCCL.
+  virtual c10::DeviceType device_type() const = 0;
+  // What it runs over, e.g. "gloo", "nccl", "local".
+  virtual std::string backend_name() const = 0;
+  virtual std::chrono::milliseconds timeout() const = 0;
+
+  // In place on every rank: `tensor` on `root` is copied into `tensor` on every other rank.
+  virtual Status broadcast(at::Tensor& tensor, int root) = 0;
+  // `output` is contiguous with size() * input.numel() elements of input's dtype; rank r's
+  // `input` lands at [r * n, (r + 1) * n).
+  virtual Status all_gather(at::Tensor& output, const at::Tensor& input) = 0;
+  // Like all_gather, but only `root` receives (`output` is ignored elsewhere).
+  virtual Status gather(at::Tensor& output, const at::Tensor& input, int root) = 0;
+  virtual Status all_reduce(at::Tensor& tensor, ReduceOp op) = 0;
+  virtual Status barrier() = 0;
+
+  // A new communicator over the same ranks with its own channel, for background work
+  // (async save) that must not interleave with the caller's collectives.
+  virtual Result<std::shared_ptr<Communicator>> clone(std::string_view tag) = 0;
+};
+
+// A communicator of one rank: every collective is a local copy.
+std::shared_ptr<Communicator> make_local_communicator();
+
+// ---------------------------------------------------------------------------------------------
+// Helpers over the collectives above.
+
+// Every rank's bytes, in rank order.
+Result<std::vector<std::string>> all_gather_bytes(Communicator& comm, std::string_view mine);
+// `root`'s bytes on every rank (`mine` is ignored on other ranks).
+Result<std::string> broadcast_bytes(Communicator& comm, std::string_view mine, int root);
+// Collective error agreement: every rank passes its own status; all return the error of the
+// lowest failing rank (same code and message), or ok() when all succeeded. This is how an
+// error on one rank (a key mismatch, a bad shape) fails the call everywhere instead of
+// leaving the others to hang in the next collective.
+Status agree(Communicator& comm, Status local);
+
+}  // namespace dsd

@@ -1,0 +1,126 @@
+"""NULL for every pointer argument of every function the header declares, one argument at a
+time with all others valid: each call must return DSD_E_INVALID_ARGUMENT with a message
+"<argument> is NULL", never crash. New functions are covered as they are declared; a new
+argument type needs a factory below (the test fails until it has one)."""
+from __future__ import annotations
+
+import os
+
+import cffi
+import pytest
+import torch
+
+from header_info import functions, read_decls
+
+ffi = cffi.FFI()
+ffi.cdef(read_decls())
+lib = ffi.dlopen(os.environ["DSD_LIBRARY"])
+
+# Arguments NULL may stand for, by function (or "*" for all): documented as optional.
+OPTIONAL = {
+    "*": {"err", "user_data", "release", "why", "strides", "is_tuple"},
+}
+
+
+def _ok(status, err):
+    assert status == lib.DSD_OK, ffi.string(lib.dsd_error_message(err[0])).decode()
+
+
+class Factory:
+    def __init__(self):
+        self.keep = []
+        err = ffi.new("dsd_error**")
+        data = ffi.new("float[4]", [1, 2, 3, 4])
+        shape = ffi.new("int64_t[1]", [4])
+        t = ffi.new("dsd_tensor*")
+        _ok(lib.dsd_tensor_from_blob(data, lib.DSD_DTYPE_F32, 1, shape, ffi.NULL, {"type": 1, "index": 0},
+                                     False, ffi.NULL, ffi.NULL, t, err), err)
+        self.keep += [data, shape]
+        self.tensor = t[0]
+
+    def state_dict(self):
+        out = ffi.new("dsd_state_dict**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_state_dict_new(out, err), err)
+        sd = ffi.gc(out[0], lib.dsd_state_dict_free)
+        self.keep.append(sd)
+        return sd
+
+    def dlpack(self, versioned):
+        cap = torch.arange(4.0).__dlpack__(max_version=(1, 0)) if versioned else torch.arange(4.0).__dlpack__()
+        import ctypes
+        api = ctypes.pythonapi
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        api.PyCapsule_SetName.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        name = b"dltensor_versioned" if versioned else b"dltensor"
+        ptr = api.PyCapsule_GetPointer(cap, name)
+        self.keep.append(b"used_" + name)
+        api.PyCapsule_SetName(cap, self.keep[-1])  # we own it now
+        self.keep.append(cap)
+        return ffi.cast("struct DLManagedTensorVersioned*" if versioned else "struct DLManagedTensor*", ptr)
+
+    def value(self, name, ctype):
+        if ctype in ("dsd_state_dict*", "const dsd_state_dict*"):
+            return self.state_dict()
+        if ctype == "struct DLManagedTensorVersioned*":
+            return self.dlpack(True)
+        if ctype == "struct DLManagedTensor*":
+            return self.dlpack(False)
+        if ctype in ("const char*", "char*"):
+            if name == "why":
+                return ffi.new("char[64]")
+            b = ffi.new("char[]", b"abc")
+            self.keep.append(b)
+            return b
+        if ctype in ("void*", "const void*"):
+            b = ffi.new("char[64]")
+            self.keep.append(b)
+            return b
+        if ctype == "const int64_t*":
+            b = ffi.new("int64_t[1]", [4])
+            self.keep.append(b)
+            return b
+        if ctype == "int64_t*":
+            return ffi.new("int64_t[8]")
+        if ctype.endswith("*"):
+            return ffi.new(ctype.replace("const ", ""))
+        if ctype == "dsd_tensor":
+            return self.tensor
+        if ctype == "dsd_device":
+            return {"type": 1, "index": 0}
+        if ctype == "dsd_dtype":
+            return lib.DSD_DTYPE_F32
+        if ctype in ("size_t", "int32_t", "int64_t", "uint32_t", "uint64_t"):
+            return {"capacity": 8, "why_capacity": 64, "len": 3, "ndim": 1}.get(name, 0 if name == "index" else 1)
+        if ctype == "bool":
+            return False
+        if ctype == "double":
+            return 1.0
+        if ctype == "fnptr" or ctype.endswith("_fn"):
+            return ffi.NULL  # callbacks are optional
+        raise NotImplementedError(f"no factory for {ctype} {name}: add one to test_null_sweep.py")
+
+
+def cases():
+    for fn, (ret, params) in sorted(functions().items()):
+        if ret != "dsd_status" or not params or params[-1][0] != "err":
+            continue  # not a fallible call (dsd_error_code reads a status)
+        optional = OPTIONAL["*"] | OPTIONAL.get(fn, set())
+        for i, (name, ctype) in enumerate(params):
+            if (ctype.endswith("*") or ctype == "fnptr") and name not in optional:
+                yield pytest.param(fn, i, id=f"{fn}:{name}")
+
+
+@pytest.mark.parametrize("fn,null_index", list(cases()))
+def test_null_argument_is_an_error(fn, null_index):
+    _, params = functions()[fn]
+    f = Factory()
+    args = [ffi.NULL if i == null_index else f.value(n, t) for i, (n, t) in enumerate(params)]
+    err = args[-1]
+    status = getattr(lib, fn)(*args)
+    name = params[null_index][0]
+    assert status == lib.DSD_E_INVALID_ARGUMENT, f"{fn} with {name}=NULL returned {status}"
+    message = ffi.string(lib.dsd_error_message(err[0])).decode()
+    assert f"{name} is NULL" in message, message
+    lib.dsd_error_free(err[0])

@@ -18,7 +18,10 @@ lib = ffi.dlopen(os.environ["DSD_LIBRARY"])
 
 # Arguments NULL may stand for, by function (or "*" for all): documented as optional.
 OPTIONAL = {
-    "*": {"err", "user_data", "release", "why", "strides", "is_tuple"},
+    "*": {"err", "user_data", "release", "why", "strides", "is_tuple", "options", "keys_out"},
+    "dsd_model_new": {"comm", "class_name"},
+    "dsd_model_canonical_fqn": {"len_out"},
+    "dsd_optim_set_param_state": {"state"},
 }
 
 
@@ -43,8 +46,44 @@ class Factory:
         err = ffi.new("dsd_error**")
         _ok(lib.dsd_state_dict_new(out, err), err)
         sd = ffi.gc(out[0], lib.dsd_state_dict_free)
+        _ok(lib.dsd_state_dict_set_int(sd, b"k", 1, err), err)
         self.keep.append(sd)
         return sd
+
+    def model(self):
+        out = ffi.new("dsd_model**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_model_new(ffi.NULL, ffi.NULL, out, err), err)
+        m = ffi.gc(out[0], lib.dsd_model_free)
+        _ok(lib.dsd_model_add_parameter(m, b"w", self.tensor, True, err), err)
+        self.keep.append(m)
+        return m
+
+    def optim(self):
+        out = ffi.new("dsd_optim**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_optim_new(out, err), err)
+        o = ffi.gc(out[0], lib.dsd_optim_free)
+        params = ffi.new("dsd_tensor[1]", [self.tensor])
+        _ok(lib.dsd_optim_add_param_group(o, ffi.NULL, params, 1, err), err)
+        _ok(lib.dsd_optim_set_param_state(o, self.tensor, self.state_dict(), err), err)
+        self.keep.append(o)
+        return o
+
+    def incompatible_keys(self):
+        err = ffi.new("dsd_error**")
+        sd = ffi.new("dsd_state_dict**")
+        _ok(lib.dsd_state_dict_new(sd, err), err)
+        _ok(lib.dsd_state_dict_set_tensor(sd[0], b"x", self.tensor, err), err)
+        opts = ffi.new("dsd_options*")
+        lib.dsd_options_init(opts)
+        opts.strict = False
+        out = ffi.new("dsd_incompatible_keys**")
+        _ok(lib.dsd_set_model_state_dict(self.model(), sd[0], opts, out, err), err)
+        lib.dsd_state_dict_free(sd[0])
+        keys = ffi.gc(out[0], lib.dsd_incompatible_keys_free)
+        self.keep.append(keys)
+        return keys
 
     def dlpack(self, versioned):
         cap = torch.arange(4.0).__dlpack__(max_version=(1, 0)) if versioned else torch.arange(4.0).__dlpack__()
@@ -63,6 +102,27 @@ class Factory:
     def value(self, name, ctype):
         if ctype in ("dsd_state_dict*", "const dsd_state_dict*"):
             return self.state_dict()
+        if ctype == "dsd_comm*" and name == "comm":
+            return ffi.NULL  # NULL is a valid communicator argument where it is optional
+        if ctype == "dsd_model*":
+            return self.model()
+        if ctype == "dsd_optim*":
+            return self.optim()
+        if ctype == "dsd_optim* const*":
+            arr = ffi.new("dsd_optim*[1]", [self.optim()])
+            self.keep.append(arr)
+            return arr
+        if ctype == "const char* const*":
+            s = ffi.new("char[]", b"w")
+            arr = ffi.new("char*[1]", [s])
+            self.keep += [s, arr]
+            return arr
+        if ctype in ("dsd_incompatible_keys*", "const dsd_incompatible_keys*"):
+            return self.incompatible_keys()
+        if ctype == "const dsd_options*":
+            o = ffi.new("dsd_options*")
+            lib.dsd_options_init(o)
+            return o
         if ctype == "struct DLManagedTensorVersioned*":
             return self.dlpack(True)
         if ctype == "struct DLManagedTensor*":
@@ -91,6 +151,8 @@ class Factory:
             return {"type": 1, "index": 0}
         if ctype == "dsd_dtype":
             return lib.DSD_DTYPE_F32
+        if ctype == "dsd_wrapper_kind":
+            return lib.DSD_WRAPPER_DDP
         if ctype in ("size_t", "int32_t", "int64_t", "uint32_t", "uint64_t"):
             return {"capacity": 8, "why_capacity": 64, "len": 3, "ndim": 1}.get(name, 0 if name == "index" else 1)
         if ctype == "bool":

@@ -6,9 +6,12 @@ DLPack without copying; state dicts convert to and from Python dicts.
 from __future__ import annotations
 
 from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
-                      NotFoundError, ShapeMismatchError)
+                      NotFoundError, ShapeMismatchError, UnsupportedError)
 from ._lib import ffi, lib, library_path
 from ._state_dict import StateDict
+from ._statedict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                         get_state_dict, optim_state_dict_to_fqn, optim_state_dict_to_positional,
+                         set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 from ._tensor import Tensor
 
 
@@ -25,6 +28,8 @@ __version__ = version()
 
 __all__ = [
     "DtypeMismatchError", "Error", "HandleError", "InvalidArgumentError", "NotFoundError",
-    "ShapeMismatchError", "StateDict", "Tensor", "abi_version", "ffi", "lib", "library_path",
-    "version",
+    "ShapeMismatchError", "StateDict", "StateDictOptions", "Tensor", "UnsupportedError",
+    "abi_version", "ffi", "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict",
+    "lib", "library_path", "optim_state_dict_to_fqn", "optim_state_dict_to_positional",
+    "set_model_state_dict", "set_optimizer_state_dict", "set_state_dict", "version",
 ]

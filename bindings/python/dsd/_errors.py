@@ -35,6 +35,10 @@ class HandleError(Error):
     """A stale, released or wrong-kind handle."""
 
 
+class UnsupportedError(Error, NotImplementedError):
+    """A valid request this build or this form of state dict cannot serve."""
+
+
 _BY_CODE = {
     lib.DSD_E_INVALID_ARGUMENT: InvalidArgumentError,
     lib.DSD_E_SHAPE_MISMATCH: ShapeMismatchError,
@@ -42,6 +46,7 @@ _BY_CODE = {
     lib.DSD_E_NOT_FOUND: NotFoundError,
     lib.DSD_E_STALE_HANDLE: HandleError,
     lib.DSD_E_WRONG_KIND: HandleError,
+    lib.DSD_E_UNSUPPORTED: UnsupportedError,
 }
 
 

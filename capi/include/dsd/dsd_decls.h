@@ -339,3 +339,184 @@ dsd_status dsd_state_dict_unflatten(const dsd_state_dict* flat, const dsd_state_
  * most `why_capacity` bytes with the NUL; `why` may be NULL). */
 dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b, bool* out,
                                 char* why, size_t why_capacity, dsd_error** err);
+
+/* ============================================================================================
+ * Models, optimizers and the state-dict functions
+ *
+ * The semantics of torch.distributed.checkpoint.state_dict. A trainer registers its model
+ * (parameters, buffers, extra state, under the raw names its module tree reports, in
+ * state-dict order) and its optimizers (param groups and per-parameter state); dsd then
+ * returns canonical-FQN-keyed state dicts whose tensors alias the registered ones, and loads
+ * state dicts by copying into the registered tensors in place, after validating everything
+ * (a failing load changes nothing). Tensor handles may carry a sharding layout; with a
+ * communicator of more than one rank these functions are collective.
+ * ========================================================================================== */
+
+typedef struct dsd_comm dsd_comm;
+typedef struct dsd_model dsd_model;
+typedef struct dsd_optim dsd_optim;
+typedef struct dsd_incompatible_keys dsd_incompatible_keys;
+
+typedef int32_t dsd_wrapper_kind;
+#define DSD_WRAPPER_DDP 0        /* DistributedDataParallel: child "module" */
+#define DSD_WRAPPER_FSDP 1       /* FSDP1: child "_fsdp_wrapped_module" */
+#define DSD_WRAPPER_COMPILE 2    /* torch.compile: child "_orig_mod" */
+#define DSD_WRAPPER_CHECKPOINT 3 /* activation checkpointing: child "_checkpoint_wrapped_module" */
+
+/* PyTorch's StateDictOptions. Initialise with dsd_options_init() (PyTorch's defaults: all
+ * false except keep_submodule_prefixes and strict), then set fields. */
+typedef struct dsd_options {
+  uint32_t struct_size; /* sizeof(dsd_options), set by dsd_options_init */
+  bool full_state_dict;
+  bool cpu_offload;
+  bool ignore_frozen_params;
+  bool keep_submodule_prefixes;
+  bool strict;
+  bool broadcast_from_rank0;
+  bool flatten_optimizer_state_dict;
+  const char* dsd_fqn_modifiers; /* borrowed; "_fqn_modifiers" by default (Python only) */
+  uint64_t bucket_bytes;         /* bytes per gather/broadcast collective; 0 = 64 MiB */
+} dsd_options;
+
+/* Fills `options` with the defaults. NULL is a no-op. */
+void dsd_options_init(dsd_options* options);
+
+/* A new empty model. `comm` (may be NULL: a single process) is shared: the model keeps its
+ * own reference. `class_name` (may be NULL: "Model") names the model in load errors, as
+ * "Error(s) in loading state_dict for <class_name>". Free with dsd_model_free(). */
+dsd_status dsd_model_new(dsd_comm* comm, const char* class_name, dsd_model** out, dsd_error** err);
+void dsd_model_free(dsd_model* model);
+
+/* Registers a parameter / persistent or non-persistent buffer under its raw name. The model
+ * keeps its own reference to the tensor (release your handle when you like). Two names on
+ * the same memory (same data pointer, shape, strides, dtype, device, layout) are one tied
+ * parameter. DSD_E_INVALID_ARGUMENT for a name registered twice or empty. */
+dsd_status dsd_model_add_parameter(dsd_model* model, const char* name, dsd_tensor tensor,
+                                   bool requires_grad, dsd_error** err);
+dsd_status dsd_model_add_buffer(dsd_model* model, const char* name, dsd_tensor tensor,
+                                bool persistent, dsd_error** err);
+
+/* Registers a module's extra state, named "<module path>._extra_state": the value at
+ * position `index` of `holder` (any kind; containers are shared), or raw bytes. */
+dsd_status dsd_model_add_extra_state(dsd_model* model, const char* name, const dsd_state_dict* holder,
+                                     size_t index, dsd_error** err);
+dsd_status dsd_model_add_extra_state_bytes(dsd_model* model, const char* name, const void* data,
+                                           size_t len, dsd_error** err);
+
+/* Declares a wrapper module at a raw module path ("" for the root), so its token is dropped
+ * from canonical FQNs (see DSD_WRAPPER_*). "_checkpoint_wrapped_module.",
+ * "_fsdp_wrapped_module" and "_orig_mod" are dropped wherever they appear; "module" only
+ * under a declared DDP wrapper. */
+dsd_status dsd_model_declare_wrapper(dsd_model* model, const char* module_path, dsd_wrapper_kind kind,
+                                     dsd_error** err);
+
+/* An FQN modifier (PyTorch's `_fqn_modifiers`): the module at `module_path` maps state-dict
+ * segment `segment` to its child attribute `child`, whose segment is dropped from FQNs. */
+dsd_status dsd_model_add_fqn_modifier(dsd_model* model, const char* module_path, const char* segment,
+                                      const char* child, dsd_error** err);
+
+/* The canonical FQN of a raw name under the model's declarations, NUL-terminated into
+ * `out` (`capacity` bytes); *len_out (may be NULL) receives its length.
+ * DSD_E_BUFFER_TOO_SMALL (with *len_out set) when it does not fit. */
+dsd_status dsd_model_canonical_fqn(dsd_model* model, const char* raw_name, char* out, size_t capacity,
+                                   size_t* len_out, dsd_error** err);
+
+/* A new dict of every registered entry by raw name with its current value (tensors aliased,
+ * extra state as loaded), in registration order: how a trainer reads extra state back after
+ * a load. */
+dsd_status dsd_model_entries(dsd_model* model, dsd_state_dict** out, dsd_error** err);
+
+/* A new empty optimizer registry. Free with dsd_optim_free(). */
+dsd_status dsd_optim_new(dsd_optim** out, dsd_error** err);
+void dsd_optim_free(dsd_optim* optim);
+
+/* Adds a param group: `options` (may be NULL: none) is the dict of hyperparameters (any
+ * values, no "params" key), kept by reference: a load updates it in place, so the trainer
+ * sees loaded hyperparameters (e.g. "lr", or "initial_lr" carried over) there. `params`
+ * lists the group's n parameters (the same tensors the model registered). */
+dsd_status dsd_optim_add_param_group(dsd_optim* optim, dsd_state_dict* options, const dsd_tensor* params,
+                                     size_t n, dsd_error** err);
+
+/* Sets a parameter's state dict (e.g. {"step", "exp_avg", "exp_avg_sq"}), kept by reference:
+ * a load copies tensors into it in place and replaces its other values. `state` NULL clears
+ * it. DSD_E_NOT_FOUND if `param` is not in any group. */
+dsd_status dsd_optim_set_param_state(dsd_optim* optim, dsd_tensor param, dsd_state_dict* state,
+                                     dsd_error** err);
+
+/* A new reference to a parameter's state dict; DSD_E_NOT_FOUND when it has none. */
+dsd_status dsd_optim_get_param_state(dsd_optim* optim, dsd_tensor param, dsd_state_dict** out,
+                                     dsd_error** err);
+
+/* The number of param groups, and a new reference to group `index`'s hyperparameter dict. */
+dsd_status dsd_optim_num_param_groups(dsd_optim* optim, size_t* out, dsd_error** err);
+dsd_status dsd_optim_get_param_group(dsd_optim* optim, size_t index, dsd_state_dict** out,
+                                     dsd_error** err);
+
+/* Creates the state of parameters that have none yet, for optimizers that create it lazily,
+ * leaving no numerical trace (no step: counters and moments start as a fresh optimizer's).
+ * Called on the calling thread by every get/set that involves `optim` when trainable
+ * parameters lack state, with handles of those `n` parameters (valid during the call); it
+ * registers state with dsd_optim_set_param_state(). A status other than DSD_OK fails the
+ * get/set with DSD_E_CALLBACK. */
+typedef dsd_status (*dsd_materialize_fn)(void* user_data, dsd_optim* optim, const dsd_tensor* params,
+                                         size_t n);
+dsd_status dsd_optim_set_materialize(dsd_optim* optim, dsd_materialize_fn fn, void* user_data,
+                                     dsd_error** err);
+
+/* get_model_state_dict: a new dict keyed by canonical FQN, tensors aliasing the model's
+ * (unless options ask for CPU or full tensors). `options` may be NULL (defaults).
+ * The _submodules form (deprecated, as in PyTorch) keeps only the entries under the given
+ * raw module paths. Errors: the option-validation and empty-state-dict errors of PyTorch. */
+dsd_status dsd_get_model_state_dict(dsd_model* model, const dsd_options* options, dsd_state_dict** out,
+                                    dsd_error** err);
+dsd_status dsd_get_model_state_dict_submodules(dsd_model* model, const char* const* submodules, size_t n,
+                                               const dsd_options* options, dsd_state_dict** out,
+                                               dsd_error** err);
+
+/* set_model_state_dict: copies `state_dict` into the model's tensors in place. Strict (the
+ * default): missing or unexpected keys fail with nn.Module.load_state_dict's message
+ * (DSD_E_NOT_FOUND / DSD_E_UNEXPECTED_KEY). Shape (DSD_E_SHAPE_MISMATCH) and dtype
+ * (DSD_E_DTYPE_MISMATCH) mismatches fail whatever `strict` says. Nothing is written when the
+ * call fails. `keys_out` (may be NULL) receives the missing and unexpected keys. */
+dsd_status dsd_set_model_state_dict(dsd_model* model, const dsd_state_dict* state_dict,
+                                    const dsd_options* options, dsd_incompatible_keys** keys_out,
+                                    dsd_error** err);
+
+/* get_optimizer_state_dict of `n` optimizers merged: {"state": {fqn: {...}}, "param_groups":
+ * [{..., "params": [fqn, ...]}]}, or the flattened form with flatten_optimizer_state_dict. */
+dsd_status dsd_get_optimizer_state_dict(dsd_model* model, dsd_optim* const* optims, size_t n,
+                                        const dsd_options* options, dsd_state_dict** out,
+                                        dsd_error** err);
+
+/* set_optimizer_state_dict: the format (nested FQN, flattened, or PyTorch's positional
+ * optim.state_dict()) is detected; state is split into the current groups in their order. */
+dsd_status dsd_set_optimizer_state_dict(dsd_model* model, dsd_optim* const* optims, size_t n,
+                                        const dsd_state_dict* optim_state_dict, const dsd_options* options,
+                                        dsd_error** err);
+
+/* get_state_dict / set_state_dict: both at once. set loads the optimizers first; an empty
+ * model state dict means optimizer only. */
+dsd_status dsd_get_state_dict(dsd_model* model, dsd_optim* const* optims, size_t n,
+                              const dsd_options* options, dsd_state_dict** model_out,
+                              dsd_state_dict** optim_out, dsd_error** err);
+dsd_status dsd_set_state_dict(dsd_model* model, dsd_optim* const* optims, size_t n,
+                              const dsd_state_dict* model_state_dict, const dsd_state_dict* optim_state_dict,
+                              const dsd_options* options, dsd_incompatible_keys** keys_out,
+                              dsd_error** err);
+
+/* The result of a non-strict model load. Strings are borrowed from the object. */
+dsd_status dsd_incompatible_keys_count(const dsd_incompatible_keys* keys, size_t* missing,
+                                       size_t* unexpected, dsd_error** err);
+dsd_status dsd_incompatible_keys_missing(const dsd_incompatible_keys* keys, size_t index, const char** out,
+                                         dsd_error** err);
+dsd_status dsd_incompatible_keys_unexpected(const dsd_incompatible_keys* keys, size_t index,
+                                            const char** out, dsd_error** err);
+void dsd_incompatible_keys_free(dsd_incompatible_keys* keys);
+
+/* Pure remapping between PyTorch's positional optimizer state dict (state keyed by parameter
+ * id, an int-keyed dict; groups listing ids) and the FQN form, given the FQN of each
+ * parameter id in order (`names[pid]`, n of them). New dicts; tensors shared. */
+dsd_status dsd_optim_state_dict_to_fqn(const dsd_state_dict* positional, const char* const* names, size_t n,
+                                       dsd_state_dict** out, dsd_error** err);
+dsd_status dsd_optim_state_dict_to_positional(const dsd_state_dict* fqn_form, const char* const* names,
+                                              size_t n, dsd_state_dict** out, dsd_error** err);

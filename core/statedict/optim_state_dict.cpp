@@ -1,0 +1,698 @@
+// get/set_optimizer_state_dict (PyTorch's _get_optim_state_dict, _flatten_optim_state_dict,
+// _unflatten_optim_state_dict, _split_optim_state_dict, _load_optim_state_dict), and the
+// positional <-> FQN remapping.
+//
+// Where PyTorch has known bugs, dsd does better (and tests it):
+// - #192202: saved state of frozen parameters is loaded, not dropped;
+// - #192224: a flattened state dict missing a parameter's state gives the strict
+//   missing-state error, not an opaque TypeError;
+// - #192225: stateless optimizers (SGD without momentum) get no spurious `{}` state entries;
+// - #164929 / #140898: no dummy optimizer step; lazily created state comes from the
+//   trainer's materialize callback, whatever gradients exist;
+// - an optimizer parameter that is not in the model is a clear error, not a KeyError;
+// - parameters of one group saved with different hyperparameters are detected in every
+//   parameter, not only the first.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <map>
+#include <unordered_map>
+
+#include "core/base/format.h"
+#include "core/base/torch_call.h"
+#include "core/dist/layout.h"
+#include "core/statedict/detail.h"
+#include "core/statedict/full_sharded.h"
+#include "core/statedict/state_dict.h"
+
+namespace dsd {
+namespace {
+
+constexpr std::string_view kState = "state";
+constexpr std::string_view kParamGroups = "param_groups";
+constexpr std::string_view kParams = "params";
+
+std::string shape_str(const at::Tensor& t) { return fmt::format("[{}]", fmt::join(t.sizes(), ", ")); }
+
+// pid -> index into model.parameters(), for every parameter of an optimizer.
+Result<std::vector<size_t>> model_params_of(Model& model, const Optimizer& optim) {
+  TRY(model.parameters());
+  std::vector<size_t> out(optim.num_params());
+  for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    auto idx = model.find_parameter(optim.param(pid));
+    if (!idx) {
+      const at::Tensor& t = optim.param(pid).tensor;
+      return make_error(Code::kNotFound,
+                        "optimizer parameter {} (shape {}, {}) is not a parameter of the model; "
+                        "register every parameter the optimizer updates with the model",
+                        pid, shape_str(t), c10::toString(t.scalar_type()));
+    }
+    out[pid] = *idx;
+  }
+  return out;
+}
+
+Status materialize(Model& model, Optimizer& optim, const std::vector<size_t>& mp) {
+  if (!optim.materialize()) return ok();
+  const auto& params = *TRY(model.parameters());
+  std::vector<size_t> missing;
+  for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    if (params[mp[pid]].requires_grad && optim.state(pid) == nullptr) missing.push_back(pid);
+  }
+  if (missing.empty()) return ok();
+  Status s = optim.materialize()(optim, missing);
+  if (!s.ok()) {
+    return make_error(Code::kCallback, "the optimizer's materialize callback failed: {}", s.error().message);
+  }
+  return ok();
+}
+
+DictPtr shallow_copy(const Dict& d) {
+  auto out = Dict::make();
+  out->reserve(d.size());
+  out->set_int_keys(d.int_keys());
+  for (const auto& e : d) out->append_unique(e.key, e.value);
+  return out;
+}
+
+// One optimizer's state dict in FQN form.
+Result<DictPtr> fqn_form(Model& model, Optimizer& optim, const std::vector<size_t>& mp) {
+  const auto& params = *TRY(model.parameters());
+  auto state = Dict::make();
+  for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    if (const DictPtr& st = optim.state(pid)) state->set(params[mp[pid]].fqns.front(), shallow_copy(*st));
+  }
+  auto groups = List::make();
+  for (size_t g = 0; g < optim.groups().size(); ++g) {
+    const ParamGroup& group = optim.groups()[g];
+    DictPtr out = deep_copy(*group.options);
+    auto names = List::make();
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      names->push_back(Value(params[mp[optim.group_begin(g) + i]].fqns.front()));
+    }
+    out->set(std::string(kParams), names);
+    groups->push_back(out);
+  }
+  auto osd = Dict::make();
+  osd->append_unique(std::string(kState), state);
+  osd->append_unique(std::string(kParamGroups), groups);
+  return osd;
+}
+
+Status flatten_nested(const Dict& d, const std::string& prefix, Dict& out) {
+  for (const auto& e : d) {
+    const std::string key = prefix + "." + e.key;
+    if (const Dict* nested = e.value.if_dict()) {
+      TRY(flatten_nested(*nested, key, out));
+      continue;
+    }
+    const Kind k = e.value.kind();
+    if (k != Kind::kTensor && k != Kind::kInt && k != Kind::kDouble && k != Kind::kBool) {
+      return make_error_at(Code::kUnsupported, key,
+                           "Flattening optimizer state_dict only supports tensor, int, float, dict "
+                           "states now. Type is {}.",
+                           detail::python_type_name(e.value));
+    }
+    out.set(key, e.value);
+  }
+  return ok();
+}
+
+// What a load assigns, aligned with the current optimizer: per pid the state to load (null:
+// none), per group the hyperparameters to load (null: keep the current ones).
+struct Loaded {
+  std::vector<DictPtr> state;
+  std::vector<DictPtr> groups;
+};
+
+const Dict* get_dict(const Dict& d, std::string_view key) {
+  const Value* v = d.find(key);
+  return v != nullptr ? v->if_dict() : nullptr;
+}
+
+Result<const List*> param_groups_of(const Dict& osd) {
+  const Value* v = osd.find(kParamGroups);
+  const List* l = v != nullptr ? v->if_list() : nullptr;
+  if (l == nullptr) {
+    return Error(Code::kInvalidArgument, "the optimizer state dict has no 'param_groups' list");
+  }
+  for (const Value& g : l->items()) {
+    const Dict* gd = g.if_dict();
+    if (gd == nullptr) return Error(Code::kInvalidArgument, "an entry of 'param_groups' is not a dict");
+    const Value* p = gd->find(kParams);
+    if (p == nullptr || p->if_list() == nullptr) {
+      return Error(Code::kInvalidArgument, "a param group of the state dict has no 'params' list");
+    }
+  }
+  return l;
+}
+
+DictPtr group_options(const Dict& group) {
+  auto out = Dict::make();
+  for (const auto& e : group) {
+    if (e.key != kParams) out->append_unique(e.key, e.value);
+  }
+  return out;
+}
+
+std::string missing_state_message(const std::string& fqn) {
+  return fmt::format(
+      "Missing optimizer state for parameter '{}' in checkpoint. The parameter requires gradients "
+      "but has no saved optimizer state. To load anyway, use StateDictOptions(strict=False).",
+      fqn);
+}
+
+bool all_int_keys(const Dict& d) {
+  if (d.int_keys()) return true;
+  for (const auto& e : d) {
+    if (!is_int_key(e.key)) return false;
+  }
+  return true;  // vacuously for an empty dict, as PyTorch's all()
+}
+
+// PyTorch's raw optim.state_dict() form: state keyed by ids, groups matched by position.
+Result<Loaded> split_positional(const Optimizer& optim, const Dict& state, const List& groups) {
+  if (groups.size() != optim.groups().size()) {
+    return Error(Code::kInvalidArgument, "loaded state dict has a different number of parameter groups");
+  }
+  Loaded out{std::vector<DictPtr>(optim.num_params()), std::vector<DictPtr>(optim.groups().size())};
+  std::unordered_map<std::string, size_t> id_to_pid;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const Dict& saved = *groups[g].if_dict();
+    const List& ids = *saved.find(kParams)->if_list();
+    if (ids.size() != optim.groups()[g].params.size()) {
+      return Error(Code::kInvalidArgument,
+                   "loaded state dict contains a parameter group that doesn't match the size of "
+                   "optimizer's group");
+    }
+    for (size_t i = 0; i < ids.size(); ++i) {
+      std::string key;
+      if (const int64_t* id = ids[i].if_int()) key = std::to_string(*id);
+      else if (const std::string* s = ids[i].if_string()) key = *s;
+      else continue;
+      id_to_pid.emplace(std::move(key), optim.group_begin(g) + i);
+    }
+    out.groups[g] = group_options(saved);
+  }
+  for (const auto& e : state) {
+    auto it = id_to_pid.find(e.key);
+    if (it == id_to_pid.end()) continue;  // PyTorch keeps such entries unattached: they do nothing
+    const Dict* st = e.value.if_dict();
+    if (st == nullptr) {
+      return make_error_at(Code::kInvalidArgument, e.key, "state of parameter {} is not a dict", e.key);
+    }
+    out.state[it->second] = shallow_copy(*st);
+  }
+  return out;
+}
+
+Result<Loaded> split_fqn(Model& model, const Optimizer& optim, const std::vector<size_t>& mp,
+                         const Dict& state, const List& groups, bool strict) {
+  const auto& params = *TRY(model.parameters());
+  Loaded out{std::vector<DictPtr>(optim.num_params()), std::vector<DictPtr>(optim.groups().size())};
+  // fqn -> loaded groups that list it
+  std::unordered_map<std::string, std::vector<size_t>> groups_of;
+  for (size_t lg = 0; lg < groups.size(); ++lg) {
+    for (const Value& p : groups[lg].if_dict()->find(kParams)->if_list()->items()) {
+      if (const std::string* s = p.if_string()) groups_of[*s].push_back(lg);
+    }
+  }
+  std::map<size_t, size_t> mapping;  // loaded group -> current group
+  for (size_t g = 0; g < optim.groups().size(); ++g) {
+    const ParamGroup& group = optim.groups()[g];
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      const size_t pid = optim.group_begin(g) + i;
+      const Model::ParamFqns& p = params[mp[pid]];
+      for (const std::string& fqn : p.fqns) {
+        auto listed = groups_of.find(fqn);
+        if (p.fqns.size() > 1 && listed == groups_of.end()) continue;  // the unused alias of a tied weight
+        if (const Value* st = state.find(fqn)) {
+          const Dict* d = st->if_dict();
+          if (d == nullptr) {
+            return make_error_at(Code::kInvalidArgument, fqn, "optimizer state of '{}' is not a dict", fqn);
+          }
+          out.state[pid] = shallow_copy(*d);
+        } else if (p.requires_grad && strict && optim.state(pid) != nullptr) {
+          return Error(Code::kNotFound, missing_state_message(fqn), fqn);
+        }
+        if (listed != groups_of.end()) {
+          for (size_t lg : listed->second) mapping[lg] = g;
+        }
+      }
+    }
+    if (group.params.empty()) {
+      std::vector<size_t> empty;
+      for (size_t lg = 0; lg < groups.size(); ++lg) {
+        if (groups[lg].if_dict()->find(kParams)->if_list()->size() == 0) empty.push_back(lg);
+      }
+      if (empty.size() != 1) {
+        return Error(Code::kInvalidArgument,
+                     "There are param groups that have zero parameters. In such a case, DSD only "
+                     "support exactly one param group with zero parameters.But the loaded "
+                     "state_dict has zero or more than one param groups that have zero parameters.");
+      }
+      if (groups.size() != optim.groups().size()) {
+        return Error(Code::kInvalidArgument,
+                     "When there is a parameter group that has zero parameters, multiple optimizers "
+                     "are not supported.");
+      }
+      mapping[empty.front()] = g;
+    }
+  }
+  for (const auto& [lg, g] : mapping) {
+    const Dict& saved = *groups[lg].if_dict();
+    if (out.groups[g] == nullptr) out.groups[g] = Dict::make();
+    for (const auto& e : saved) {
+      if (e.key != kParams) out.groups[g]->set(e.key, e.value);
+    }
+  }
+  return out;
+}
+
+// The keys under `prefix.` of a flat dict, nested by their dots (PyTorch's
+// _reconstruct_nested_dict). `live` (may be null) is the optimizer's current value there, whose
+// int-keyed dicts stay int-keyed.
+DictPtr reconstruct(const Dict& flat, const std::string& prefix, const Value* live) {
+  auto out = Dict::make();
+  const std::string head = prefix + ".";
+  for (const auto& e : flat) {
+    if (!e.key.starts_with(head)) continue;
+    std::string_view rest = std::string_view(e.key).substr(head.size());
+    Dict* cur = out.get();
+    const Value* cur_live = live;
+    while (true) {
+      const size_t dot = rest.find('.');
+      const std::string part(rest.substr(0, dot));
+      const Dict* live_dict = cur_live != nullptr ? cur_live->if_dict() : nullptr;
+      if (live_dict != nullptr && live_dict->int_keys() && is_int_key(part)) cur->set_int_keys(true);
+      cur_live = live_dict != nullptr ? live_dict->find(part) : nullptr;
+      if (dot == std::string_view::npos) {
+        cur->set(part, e.value);
+        break;
+      }
+      Value* next = cur->find(part);
+      if (next == nullptr || !next->is_dict()) {
+        cur->set(part, Dict::make());
+        next = cur->find(part);
+      }
+      cur = next->if_dict();
+      rest.remove_prefix(dot + 1);
+    }
+  }
+  return out;
+}
+
+Result<Loaded> unflatten(Model& model, const Optimizer& optim, const std::vector<size_t>& mp,
+                         const Dict& flat, bool strict) {
+  const auto& params = *TRY(model.parameters());
+  Loaded out{std::vector<DictPtr>(optim.num_params()), std::vector<DictPtr>(optim.groups().size())};
+  for (size_t g = 0; g < optim.groups().size(); ++g) {
+    const ParamGroup& group = optim.groups()[g];
+    std::vector<std::string> accepted;
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      const size_t pid = optim.group_begin(g) + i;
+      const Model::ParamFqns& p = params[mp[pid]];
+      for (const std::string& fqn : p.fqns) {
+        const std::string pg_prefix = fmt::format("{}.{}.", kParamGroups, fqn);
+        if (p.fqns.size() > 1) {
+          bool listed = false;
+          for (const auto& e : flat) {
+            if (e.key.starts_with(pg_prefix)) {
+              listed = true;
+              break;
+            }
+          }
+          if (!listed) continue;
+        }
+        accepted.push_back(fqn);
+        const std::string st_prefix = fmt::format("{}.{}", kState, fqn);
+        const DictPtr& live = optim.state(pid);
+        DictPtr st = Dict::make();
+        if (live != nullptr && !live->empty()) {
+          for (const auto& le : *live) {
+            const std::string key = st_prefix + "." + le.key;
+            if (const Value* v = flat.find(key)) {
+              st->append_unique(le.key, *v);
+              continue;
+            }
+            DictPtr nested = reconstruct(flat, key, &le.value);
+            if (!nested->empty()) {
+              st->append_unique(le.key, nested);
+            } else if (strict && p.requires_grad) {
+              return Error(Code::kNotFound,
+                           missing_state_message(fqn) + fmt::format(" ('{}' is absent)", key), fqn);
+            }
+          }
+        } else {
+          st = reconstruct(flat, st_prefix, nullptr);
+        }
+        if (!st->empty()) out.state[pid] = st;
+      }
+    }
+    if (accepted.empty()) continue;  // an empty group keeps its hyperparameters
+    // Hyperparameters from the first parameter's keys, checked against every other parameter.
+    auto options = Dict::make();
+    const std::string first_prefix = fmt::format("{}.{}.", kParamGroups, accepted.front());
+    for (const auto& e : flat) {
+      if (e.key.starts_with(first_prefix)) options->set(e.key.substr(first_prefix.size()), e.value);
+    }
+    for (size_t a = 1; a < accepted.size(); ++a) {
+      for (const auto& e : *options) {
+        const std::string key = fmt::format("{}.{}.{}", kParamGroups, accepted[a], e.key);
+        const Value* other = flat.find(key);
+        if (other != nullptr && !deep_equal(*other, e.value)) {
+          return make_error_at(Code::kInvalidArgument, key,
+                               "All the parameters in the same parameter group should have the same "
+                               "saved param_group value. But {}.{} differs from {}.{}.",
+                               accepted[a], e.key, accepted.front(), e.key);
+        }
+      }
+    }
+    if (!options->empty()) out.groups[g] = options;
+  }
+  return out;
+}
+
+// One state value loaded into the registered one: in place for tensors, else replaced.
+struct StateWrite {
+  Dict* target;
+  std::string key;
+  Value value;        // replacement (when copy is undefined)
+  at::Tensor dst;     // in-place copy destination
+  at::Tensor src;
+};
+
+Status check_tensor_load(const std::string& what, const TensorValue& dst, const TensorValue& src,
+                         at::Tensor* source) {
+  const auto dst_shape = dst.is_dist() ? c10::IntArrayRef(dst.layout->global_shape()) : dst.tensor.sizes();
+  const auto src_shape = src.is_dist() ? c10::IntArrayRef(src.layout->global_shape()) : src.tensor.sizes();
+  if (dst_shape != src_shape) {
+    return make_error_at(Code::kShapeMismatch, what, "size mismatch for {}: loading shape {} into {}", what,
+                         detail::torch_size_str(src_shape), detail::torch_size_str(dst_shape));
+  }
+  if (dst.tensor.scalar_type() != src.tensor.scalar_type()) {
+    return make_error_at(Code::kDtypeMismatch, what, "dtype mismatch for {}: loading torch.{} into torch.{}",
+                         what, c10::toString(src.tensor.scalar_type()), c10::toString(dst.tensor.scalar_type()));
+  }
+  if (dst.read_only) {
+    return make_error_at(Code::kReadOnly, what, "{} was imported read-only; dsd does not write into it.", what);
+  }
+  if (dst.is_dist() && !src.is_dist()) {
+    *source = TRY(local_slice(src.tensor, *dst.layout, what));
+  } else if (dst.is_dist() && src.is_dist() && !(*dst.layout == *src.layout)) {
+    return make_error_at(Code::kUnsupported, what,
+                         "{} is sharded differently in the state dict; load a full state dict instead", what);
+  } else {
+    *source = src.tensor;
+  }
+  return ok();
+}
+
+// Plans writing `loaded` into `target` (a registered state or options Dict), recursing into
+// nested dicts that exist on both sides.
+Status plan_dict_load(Dict& target, const Dict& loaded, const std::string& what, const TensorValue* param,
+                      std::vector<StateWrite>& writes) {
+  for (const auto& e : loaded) {
+    const std::string name = what + "." + e.key;
+    Value* cur = target.find(e.key);
+    const TensorValue* src = e.value.if_tensor();
+    if (cur != nullptr && cur->if_tensor() != nullptr && src != nullptr) {
+      at::Tensor source;
+      TRY(check_tensor_load(name, *cur->if_tensor(), *src, &source));
+      writes.push_back({&target, e.key, Value(), cur->if_tensor()->tensor, source});
+      continue;
+    }
+    if (cur != nullptr && cur->if_dict() != nullptr && e.value.if_dict() != nullptr) {
+      TRY(plan_dict_load(*cur->if_dict(), *e.value.if_dict(), name, param, writes));
+      continue;
+    }
+    Value v = e.value;
+    // A full moment for a sharded parameter keeps only this rank's shard, like its parameter.
+    if (src != nullptr && !src->is_dist() && param != nullptr && param->is_dist() &&
+        src->tensor.sizes() == c10::IntArrayRef(param->layout->global_shape())) {
+      at::Tensor local = TRY(local_slice(src->tensor, *param->layout, name));
+      v = Value(TensorValue{local.clone(), param->layout, false});
+    }
+    writes.push_back({&target, e.key, std::move(v), {}, {}});
+  }
+  return ok();
+}
+
+struct OptimLoadPlan {
+  Loaded loaded;
+  std::vector<StateWrite> writes;
+  std::vector<size_t> cleared;  // pids whose state is dropped
+};
+
+Result<OptimLoadPlan> plan_optim_load(Model& model, const Optimizer& optim, const std::vector<size_t>& mp,
+                                      const Dict& osd, const detail::Info& info) {
+  const auto& params = *TRY(model.parameters());
+  OptimLoadPlan plan;
+  if (osd.empty()) return plan;
+  if (const Dict* state = get_dict(osd, kState)) {
+    const List* groups = TRY(param_groups_of(osd));
+    if (all_int_keys(*state)) {
+      plan.loaded = TRY(split_positional(optim, *state, *groups));
+    } else {
+      plan.loaded = TRY(split_fqn(model, optim, mp, *state, *groups, info.options.strict));
+    }
+  } else if (osd.contains(kState)) {
+    return Error(Code::kInvalidArgument, "the optimizer state dict's 'state' is not a dict");
+  } else {
+    plan.loaded = TRY(unflatten(model, optim, mp, osd, info.options.strict));
+  }
+  for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    const DictPtr& st = plan.loaded.state[pid];
+    if (st == nullptr) {
+      if (optim.state(pid) != nullptr) plan.cleared.push_back(pid);
+      continue;
+    }
+    const std::string what = fmt::format("optimizer state of '{}'", params[mp[pid]].fqns.front());
+    if (optim.state(pid) == nullptr) continue;  // installed whole at apply time
+    TRY(plan_dict_load(*optim.state(pid), *st, what, &optim.param(pid), plan.writes));
+  }
+  return plan;
+}
+
+Status apply_optim_load(Optimizer& optim, OptimLoadPlan& plan) {
+  for (size_t pid : plan.cleared) TRY(optim.set_state(pid, nullptr));
+  for (StateWrite& w : plan.writes) {
+    if (w.dst.defined()) {
+      if (w.dst.is_same(w.src)) continue;
+      TRY(torch_call(Code::kInternal, fmt::format("copying optimizer state '{}'", w.key),
+                     [&] { w.dst.copy_(w.src); }));
+    } else {
+      w.target->set(w.key, std::move(w.value));
+    }
+  }
+  for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    const DictPtr& st = plan.loaded.state[pid];
+    if (st == nullptr || optim.state(pid) != nullptr) {
+      // Keys the registered state has but the loaded one lacks are dropped, as a load replaces
+      // an optimizer's state wholesale.
+      if (st != nullptr) {
+        Dict& cur = *optim.state(pid);
+        for (size_t i = cur.size(); i-- > 0;) {
+          if (!st->contains(cur.key_at(i))) cur.erase_at(i);
+        }
+      }
+      continue;
+    }
+    // No registered state: install the loaded one, its full moments sliced like the parameter.
+    auto installed = Dict::make();
+    std::vector<StateWrite> writes;
+    TRY(plan_dict_load(*installed, *st, "optimizer state", &optim.param(pid), writes));
+    for (StateWrite& w : writes) w.target->set(w.key, std::move(w.value));
+    TRY(optim.set_state(pid, installed));
+  }
+  for (size_t g = 0; g < optim.groups().size(); ++g) {
+    const DictPtr& loaded = plan.loaded.groups[g];
+    if (loaded == nullptr) continue;
+    Dict& options = *optim.groups()[g].options;
+    // The loaded group's keys in its order, then the current keys it lacks, in the same Dict
+    // object so trainers holding it see the change.
+    std::vector<Dict::Entry> keep;
+    for (const auto& e : options) {
+      if (!loaded->contains(e.key)) keep.push_back(e);
+    }
+    options.clear();
+    for (const auto& e : *loaded) options.append_unique(e.key, e.value);
+    for (auto& e : keep) options.append_unique(std::move(e.key), std::move(e.value));
+  }
+  return ok();
+}
+
+}  // namespace
+
+namespace detail {
+
+Result<DictPtr> build_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const Info& info) {
+  if (!info.handle_optim) return Dict::make();
+  auto state = Dict::make();
+  auto groups = List::make();
+  for (Optimizer* optim : optimizers) {
+    if (optim == nullptr) return Error(Code::kInvalidArgument, "an optimizer is NULL");
+    std::vector<size_t> mp = TRY(model_params_of(model, *optim));
+    TRY(materialize(model, *optim, mp));
+    DictPtr osd = TRY(fqn_form(model, *optim, mp));
+    for (const auto& e : *osd->find(kState)->if_dict()) state->set(e.key, e.value);
+    for (const Value& g : osd->find(kParamGroups)->if_list()->items()) groups->push_back(g);
+  }
+  DictPtr osd = Dict::make();
+  osd->append_unique(std::string(kState), state);
+  osd->append_unique(std::string(kParamGroups), groups);
+  if (info.options.flatten_optimizer_state_dict) osd = TRY(flatten_optim_state_dict(*osd));
+  return maybe_full_or_cpu_state_dict(std::move(osd), info);
+}
+
+Status load_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const Dict& osd,
+                             const Info& info) {
+  if (!info.handle_optim) return ok();
+  for (Optimizer* optim : optimizers) {
+    Result<OptimLoadPlan> plan = [&]() -> Result<OptimLoadPlan> {
+      if (optim == nullptr) return Error(Code::kInvalidArgument, "an optimizer is NULL");
+      std::vector<size_t> mp = TRY(model_params_of(model, *optim));
+      TRY(materialize(model, *optim, mp));
+      return plan_optim_load(model, *optim, mp, osd, info);
+    }();
+    TRY(agree_status(info, plan.ok() ? ok() : Status(plan.error())));
+    TRY(apply_optim_load(*optim, plan.value()));
+  }
+  return ok();
+}
+
+}  // namespace detail
+
+Result<DictPtr> flatten_optim_state_dict(const Dict& osd) {
+  auto out = Dict::make();
+  const Dict* state = get_dict(osd, kState);
+  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
+  const List* groups = TRY(param_groups_of(osd));
+  for (const auto& e : *state) {
+    const Dict* st = e.value.if_dict();
+    if (st == nullptr) {
+      return make_error_at(Code::kInvalidArgument, e.key, "optimizer state of '{}' is not a dict", e.key);
+    }
+    TRY(flatten_nested(*st, fmt::format("{}.{}", kState, e.key), *out));
+  }
+  for (const Value& g : groups->items()) {
+    const Dict& group = *g.if_dict();
+    for (const Value& p : group.find(kParams)->if_list()->items()) {
+      const std::string* fqn = p.if_string();
+      if (fqn == nullptr) {
+        return Error(Code::kInvalidArgument, "flattening needs FQNs in 'params', not parameter ids");
+      }
+      for (const auto& e : group) {
+        if (e.key != kParams) out->set(fmt::format("{}.{}.{}", kParamGroups, *fqn, e.key), e.value);
+      }
+    }
+  }
+  return out;
+}
+
+Result<DictPtr> get_optimizer_state_dict(Model& model, std::span<Optimizer* const> optimizers,
+                                         const StateDictOptions& options,
+                                         std::span<const std::string> submodules) {
+  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), true, submodules, options));
+  DictPtr osd = TRY(detail::build_optim_state_dict(model, optimizers, info));
+  TRY(detail::verify_state_dict(nullptr, osd.get(), info));
+  return osd;
+}
+
+Status set_optimizer_state_dict(Model& model, std::span<Optimizer* const> optimizers,
+                                const Dict& optim_state_dict, const StateDictOptions& options) {
+  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), true, {}, options));
+  TRY(detail::verify_state_dict(nullptr, &optim_state_dict, info));
+  return detail::load_optim_state_dict(model, optimizers, optim_state_dict, info);
+}
+
+Result<ModelAndOptimStateDict> get_state_dict(Model& model, std::span<Optimizer* const> optimizers,
+                                              const StateDictOptions& options,
+                                              std::span<const std::string> submodules) {
+  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), false, submodules, options));
+  ModelAndOptimStateDict out;
+  out.model = TRY(detail::build_model_state_dict(model, info));
+  out.optim = TRY(detail::build_optim_state_dict(model, optimizers, info));
+  TRY(detail::verify_state_dict(out.model.get(), out.optim.get(), info));
+  return out;
+}
+
+Result<IncompatibleKeys> set_state_dict(Model& model, std::span<Optimizer* const> optimizers,
+                                        const Dict& model_state_dict, const Dict& optim_state_dict,
+                                        const StateDictOptions& options) {
+  detail::Info info =
+      TRY(detail::verify_options(model, optimizers.size(), model_state_dict.empty(), {}, options));
+  TRY(detail::verify_state_dict(&model_state_dict, &optim_state_dict, info));
+  TRY(detail::load_optim_state_dict(model, optimizers, optim_state_dict, info));
+  return detail::load_model_state_dict(model, model_state_dict, info);
+}
+
+Result<DictPtr> optim_state_dict_to_fqn(const Dict& positional, std::span<const std::string> names) {
+  const Dict* state = get_dict(positional, kState);
+  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
+  const List* groups = TRY(param_groups_of(positional));
+  auto name_of = [&](const std::string& id) -> Result<std::string> {
+    if (!is_int_key(id)) return make_error_at(Code::kInvalidArgument, id, "'{}' is not a parameter id", id);
+    const long long pid = std::stoll(id);
+    if (pid < 0 || static_cast<size_t>(pid) >= names.size()) {
+      return make_error_at(Code::kNotFound, id, "parameter id {} has no name ({} names given)", pid, names.size());
+    }
+    return names[static_cast<size_t>(pid)];
+  };
+  auto out_state = Dict::make();
+  for (const auto& e : *state) out_state->set(TRY(name_of(e.key)), e.value);
+  auto out_groups = List::make();
+  for (const Value& g : groups->items()) {
+    DictPtr group = shallow_copy(*g.if_dict());
+    auto fqns = List::make();
+    for (const Value& p : group->find(kParams)->if_list()->items()) {
+      const int64_t* id = p.if_int();
+      if (id == nullptr) return Error(Code::kInvalidArgument, "'params' of a positional state dict holds a non-integer");
+      fqns->push_back(Value(TRY(name_of(std::to_string(*id)))));
+    }
+    group->set(std::string(kParams), fqns);
+    out_groups->push_back(group);
+  }
+  auto out = Dict::make();
+  out->append_unique(std::string(kState), out_state);
+  out->append_unique(std::string(kParamGroups), out_groups);
+  return out;
+}
+
+Result<DictPtr> optim_state_dict_to_positional(const Dict& fqn_form, std::span<const std::string> names) {
+  const Dict* state = get_dict(fqn_form, kState);
+  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
+  const List* groups = TRY(param_groups_of(fqn_form));
+  std::unordered_map<std::string_view, int64_t> pid_of;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (!pid_of.emplace(names[i], static_cast<int64_t>(i)).second) {
+      return make_error_at(Code::kInvalidArgument, names[i], "name '{}' is given twice", names[i]);
+    }
+  }
+  auto lookup = [&](const std::string& fqn) -> Result<int64_t> {
+    auto it = pid_of.find(fqn);
+    if (it == pid_of.end()) return make_error_at(Code::kNotFound, fqn, "'{}' is not among the parameter names", fqn);
+    return it->second;
+  };
+  auto out_state = Dict::make();
+  out_state->set_int_keys(true);
+  for (const auto& e : *state) out_state->set(std::to_string(TRY(lookup(e.key))), e.value);
+  auto out_groups = List::make();
+  for (const Value& g : groups->items()) {
+    DictPtr group = shallow_copy(*g.if_dict());
+    auto ids = List::make();
+    for (const Value& p : group->find(kParams)->if_list()->items()) {
+      const std::string* fqn = p.if_string();
+      if (fqn == nullptr) return Error(Code::kInvalidArgument, "'params' of an FQN-form state dict holds a non-string");
+      ids->push_back(Value(TRY(lookup(*fqn))));
+    }
+    group->set(std::string(kParams), ids);
+    out_groups->push_back(group);
+  }
+  auto out = Dict::make();
+  out->append_unique(std::string(kState), out_state);
+  out->append_unique(std::string(kParamGroups), out_groups);
+  return out;
+}
+
+}  // namespace dsd

@@ -20,6 +20,7 @@ REPO = os.path.dirname(HERE)
 # figure -> (target, "<=" or ">=", what it means)
 TARGETS = {
     "abi.call_ns": (50, "<=", "trivial C ABI call with a handle lookup, ns"),
+    "statedict.get_vs_map": (3, "<=", "get_model_state_dict of 10k tensors / building a std::map"),
 }
 
 
@@ -41,7 +42,15 @@ def bench_abi(args) -> dict[str, float]:
     }
 
 
-GROUPS = {"abi": bench_abi}
+def bench_statedict(args) -> dict[str, float]:
+    t = gbench(args.build, "bench_statedict")
+    return {
+        "statedict.get_vs_map": round(t["BM_GetModelStateDict"] / t["BM_StdMap"], 3),
+        "statedict.get_10k_us": round(t["BM_GetModelStateDict"] / 1e3, 1),
+    }
+
+
+GROUPS = {"abi": bench_abi, "statedict": bench_statedict}
 
 
 def load_groups():

@@ -4,7 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "core/base/result.h"
+#include "core/dist/layout.h"
 #include "core/statedict/value.h"
 
 namespace dsd {
@@ -26,5 +31,36 @@ Result<DictPtr> offload_state_dict_to_cpu(DictPtr state_dict);
 
 // This rank's shard of a full tensor under `layout`, as a view of `full`.
 Result<at::Tensor> local_slice(const at::Tensor& full, const Layout& layout, std::string_view key);
+
+// Where a load copies from: a tensor of the state dict being loaded (under
+// broadcast_from_rank0, a meta placeholder of rank 0's tensor) or the box of it this rank
+// holds, when a sharded destination takes its slice of a full tensor.
+struct CopySource {
+  at::Tensor tensor;
+  std::optional<Chunk> box;
+  at::Tensor view() const;  // `tensor`, narrowed to `box`
+};
+
+// Loading state-dict tensor `src` into registered tensor `dst`: the source, after checking
+// global shapes agree (dtype, shape and read-only checks are the caller's). A sharded
+// destination takes its box of a full source; two sharded tensors must share their layout.
+Result<CopySource> copy_source(const TensorValue& dst, const TensorValue& src, const std::string& key);
+
+struct CopyJob {
+  at::Tensor dst;
+  CopySource src;
+  std::string what;  // for error messages
+};
+
+// Runs the jobs' copies (sources are real tensors).
+Status run_copies(const std::vector<CopyJob>& jobs);
+
+// broadcast_from_rank0: streams rank 0's `rank0_tensors` (empty elsewhere), whose shapes and
+// dtypes are those of `placeholders`, in buckets of at most `bucket_bytes` (0: 64 MiB; larger
+// tensors go in row ranges), and runs on every rank the jobs whose sources are placeholders.
+// Peak memory per rank: the destinations plus one bucket.
+Status broadcast_copies(Communicator& comm, const std::vector<at::Tensor>& rank0_tensors,
+                        const std::vector<at::Tensor>& placeholders, const std::vector<CopyJob>& jobs,
+                        uint64_t bucket_bytes);
 
 }  // namespace dsd

@@ -9,6 +9,10 @@
 #include "core/dist/layout.h"
 #include "core/statedict/detail.h"
 #include "core/statedict/full_sharded.h"
+#include "core/statedict/skeleton.h"
+#include "core/dist/comm.h"
+
+#include <ATen/ops/empty.h>
 #include "core/statedict/state_dict.h"
 #include "core/tensor/dtype_torch.h"
 
@@ -58,50 +62,26 @@ std::string quoted_list(const std::vector<std::string>& keys) {
   return fmt::format("{}", fmt::join(q, ", "));
 }
 
-// The tensor to copy from for an entry: the value itself, or this rank's slice of a full
-// tensor given for a sharded entry.
-Result<at::Tensor> source_for(const ModelEntry& e, const TensorValue& src) {
-  const TensorValue& dst = e.tensor;
-  if (dst.is_dist() && !src.is_dist()) return local_slice(src.tensor, *dst.layout, e.prefixed);
-  if (!dst.is_dist() && src.is_dist()) {
-    const Chunk local = src.layout->local_chunk();
-    if (local.sizes != src.layout->global_shape()) {
-      return make_error_at(Code::kUnsupported, e.prefixed,
-                           "'{}' is given as a sharded tensor ({}) but the model's tensor is not "
-                           "sharded; pass a full state dict instead",
-                           e.prefixed, src.layout->str());
-    }
-  }
-  if (dst.is_dist() && src.is_dist() && !(*dst.layout == *src.layout)) {
-    if (!(dst.layout->global_shape() == src.layout->global_shape())) {
-      return src.tensor;  // reported as a size mismatch below, on global shapes
-    }
-    return make_error_at(Code::kUnsupported, e.prefixed,
-                         "'{}' is sharded as {} but the state dict holds it as {}; resharding a "
-                         "sharded state dict needs a full state dict or a checkpoint load",
-                         e.prefixed, dst.layout->str(), src.layout->str());
-  }
-  return src.tensor;
-}
-
 }  // namespace
 
 namespace {
 
 struct LoadPlan {
-  std::vector<Assignment> assignments;
-  std::vector<at::Tensor> sources;  // per assignment; undefined for extra state
+  std::vector<CopyJob> copies;
+  std::vector<std::pair<size_t, Value>> extra_states;     // entry, loaded value
+  std::vector<std::pair<size_t, at::Tensor>> assigned;    // meta entries given new tensors
   IncompatibleKeys keys;
 };
 
 // Everything a load checks before writing: missing and unexpected keys, kinds, shapes,
 // dtypes, read-only destinations. Local to this rank; the caller agrees on it collectively.
 Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries, const Dict& sd,
-                                 const Info& info) {
+                                 const Info& info, std::optional<c10::Device> assign_device) {
   const StateDictOptions& o = info.options;
   LoadPlan plan;
   IncompatibleKeys& result = plan.keys;
-  plan.assignments.reserve(entries.size());
+  std::vector<Assignment> assignments;
+  assignments.reserve(entries.size());
   std::unordered_set<std::string_view> used;
   used.reserve(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) {
@@ -116,7 +96,7 @@ Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries,
       continue;
     }
     used.insert(e.fqn);
-    plan.assignments.push_back({i, v});
+    assignments.push_back({i, v});
   }
   for (const auto& kv : sd) {
     if (!used.contains(kv.key)) result.unexpected_keys.push_back(kv.key);
@@ -125,11 +105,13 @@ Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries,
   // nn.Module's error_msgs, plus dsd's dtype and read-only checks.
   std::vector<std::string> errors;
   Code code = Code::kShapeMismatch;
-  plan.sources.resize(plan.assignments.size());
-  for (size_t k = 0; k < plan.assignments.size(); ++k) {
-    const ModelEntry& e = entries[plan.assignments[k].entry];
-    const Value& v = *plan.assignments[k].value;
-    if (e.kind == EntryKind::kExtraState) continue;
+  for (const Assignment& a : assignments) {
+    const ModelEntry& e = entries[a.entry];
+    const Value& v = *a.value;
+    if (e.kind == EntryKind::kExtraState) {
+      plan.extra_states.emplace_back(a.entry, v);
+      continue;
+    }
     const TensorValue* src = v.if_tensor();
     if (src == nullptr) {
       errors.push_back(fmt::format(
@@ -162,13 +144,22 @@ Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries,
       code = Code::kReadOnly;
       continue;
     }
-    Result<at::Tensor> s = source_for(e, *src);
-    if (!s.ok()) {
-      errors.push_back(s.error().message);
-      code = s.error().code;
+    Result<CopySource> source = copy_source(dst, *src, e.prefixed);
+    if (!source.ok()) {
+      errors.push_back(source.error().message);
+      code = source.error().code;
       continue;
     }
-    plan.sources[k] = std::move(s).value();
+    at::Tensor target = dst.tensor;
+    if (target.is_meta()) {
+      // A meta-initialised model (LoRA, deferred init): like load_state_dict(assign=True), the
+      // entry gets a new tensor, materialised where the other tensors live.
+      const at::Tensor like = source->view();
+      target = at::empty(like.sizes(), at::TensorOptions().dtype(like.scalar_type())
+                                           .device(assign_device.value_or(c10::Device(c10::DeviceType::CPU))));
+      plan.assigned.emplace_back(a.entry, target);
+    }
+    plan.copies.push_back(CopyJob{target, std::move(source).value(), fmt::format("'{}'", e.prefixed)});
   }
   if (o.strict) {
     std::vector<std::string> head;
@@ -192,26 +183,53 @@ Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries,
 
 }  // namespace
 
+// PyTorch's device choice for full and broadcast loads: the one real device of the model's
+// tensors (meta ones do not count), else the communicator's.
+Result<std::optional<c10::Device>> load_device(const std::vector<ModelEntry>& entries, const Info& info) {
+  std::optional<c10::Device> device;
+  for (const ModelEntry& e : entries) {
+    if (e.kind == EntryKind::kExtraState || e.tensor.tensor.dim() == 0 || e.tensor.tensor.is_meta()) continue;
+    if (device && *device != e.tensor.tensor.device()) return Error(Code::kDevice, "Multiple devices found");
+    device = e.tensor.tensor.device();
+  }
+  if (!device && info.comm != nullptr) device = c10::Device(info.comm->device_type());
+  return device;
+}
+
 Result<IncompatibleKeys> load_model_state_dict(Model& model, const Dict& sd, const Info& info) {
-  if (!info.handle_model || (sd.empty() && !info.options.broadcast_from_rank0)) return IncompatibleKeys{};
+  const StateDictOptions& o = info.options;
+  if (!info.handle_model || (sd.empty() && !o.broadcast_from_rank0)) return IncompatibleKeys{};
   std::vector<ModelEntry>& entries = model.entries();
-  auto resolved = model.resolved();
-  Result<LoadPlan> planned = resolved.ok() ? plan_model_load(model, entries, sd, info)
-                                           : Result<LoadPlan>(resolved.error());
+  const bool broadcast = o.broadcast_from_rank0 && info.comm != nullptr;
+
+  // Under broadcast_from_rank0 every rank plans against rank 0's skeleton.
+  std::vector<at::Tensor> rank0_tensors;
+  std::vector<at::Tensor> placeholders;
+  DictPtr skeleton;
+  if (broadcast) {
+    Result<std::string> encoded = info.rank == 0 ? encode_skeleton(sd, &rank0_tensors) : std::string();
+    TRY(agree_status(info, encoded.ok() ? ok() : Status(encoded.error())));
+    std::string bytes = TRY(broadcast_bytes(*info.comm, encoded.value(), 0));
+    skeleton = TRY(decode_skeleton(bytes, &placeholders));
+  }
+  const Dict& effective = broadcast ? *skeleton : sd;
+
+  Result<LoadPlan> planned = [&]() -> Result<LoadPlan> {
+    TRY(model.resolved());
+    std::optional<c10::Device> device;
+    if (o.full_state_dict || o.broadcast_from_rank0) device = TRY(load_device(entries, info));
+    return plan_model_load(model, entries, effective, info, device);
+  }();
   TRY(agree_status(info, planned.ok() ? ok() : Status(planned.error())));
   LoadPlan& plan = planned.value();
 
-  for (size_t k = 0; k < plan.assignments.size(); ++k) {
-    ModelEntry& e = entries[plan.assignments[k].entry];
-    if (e.kind == EntryKind::kExtraState) {
-      e.extra_state = *plan.assignments[k].value;
-      continue;
-    }
-    at::Tensor& dst = e.tensor.tensor;
-    const at::Tensor& src = plan.sources[k];
-    if (dst.is_same(src)) continue;
-    TRY(torch_call(Code::kInternal, fmt::format("copying into '{}'", e.prefixed), [&] { dst.copy_(src); }));
+  if (broadcast) {
+    TRY(broadcast_copies(*info.comm, rank0_tensors, placeholders, plan.copies, o.bucket_bytes));
+  } else {
+    TRY(run_copies(plan.copies));
   }
+  for (auto& [entry, tensor] : plan.assigned) entries[entry].tensor.tensor = tensor;
+  for (auto& [entry, value] : plan.extra_states) entries[entry].extra_state = std::move(value);
   return std::move(plan.keys);
 }
 

@@ -23,6 +23,10 @@
 #include "core/dist/layout.h"
 #include "core/statedict/detail.h"
 #include "core/statedict/full_sharded.h"
+#include "core/statedict/skeleton.h"
+#include "core/dist/comm.h"
+
+#include <ATen/ops/empty.h>
 #include "core/statedict/state_dict.h"
 
 namespace dsd {
@@ -373,17 +377,22 @@ Result<Loaded> unflatten(Model& model, const Optimizer& optim, const std::vector
   return out;
 }
 
-// One state value loaded into the registered one: in place for tensors, else replaced.
-struct StateWrite {
+struct Replace {
   Dict* target;
   std::string key;
-  Value value;        // replacement (when copy is undefined)
-  at::Tensor dst;     // in-place copy destination
-  at::Tensor src;
+  Value value;
 };
 
-Status check_tensor_load(const std::string& what, const TensorValue& dst, const TensorValue& src,
-                         at::Tensor* source) {
+struct OptimLoadPlan {
+  Loaded loaded;
+  std::vector<CopyJob> copies;                      // in place into registered tensors
+  std::vector<Replace> replaces;                    // other values of registered state
+  std::vector<std::pair<size_t, DictPtr>> installs; // parameters without registered state
+  std::vector<size_t> cleared;                      // parameters whose state a load drops
+};
+
+// Checks loading state tensor `src` into registered `dst`; the source of the copy.
+Result<CopySource> check_tensor_load(const std::string& what, const TensorValue& dst, const TensorValue& src) {
   const auto dst_shape = dst.is_dist() ? c10::IntArrayRef(dst.layout->global_shape()) : dst.tensor.sizes();
   const auto src_shape = src.is_dist() ? c10::IntArrayRef(src.layout->global_shape()) : src.tensor.sizes();
   if (dst_shape != src_shape) {
@@ -397,57 +406,65 @@ Status check_tensor_load(const std::string& what, const TensorValue& dst, const 
   if (dst.read_only) {
     return make_error_at(Code::kReadOnly, what, "{} was imported read-only; dsd does not write into it.", what);
   }
-  if (dst.is_dist() && !src.is_dist()) {
-    *source = TRY(local_slice(src.tensor, *dst.layout, what));
-  } else if (dst.is_dist() && src.is_dist() && !(*dst.layout == *src.layout)) {
-    return make_error_at(Code::kUnsupported, what,
-                         "{} is sharded differently in the state dict; load a full state dict instead", what);
-  } else {
-    *source = src.tensor;
-  }
-  return ok();
+  return copy_source(dst, src, what);
 }
 
-// Plans writing `loaded` into `target` (a registered state or options Dict), recursing into
-// nested dicts that exist on both sides.
-Status plan_dict_load(Dict& target, const Dict& loaded, const std::string& what, const TensorValue* param,
-                      std::vector<StateWrite>& writes) {
+// A loaded value to be stored as it is (no registered tensor to copy into). Tensors that are
+// full moments of a sharded parameter keep only this rank's shard, like the parameter; under
+// broadcast_from_rank0 (placeholders), tensors get memory of their own and are filled by the
+// stream.
+Result<Value> own_value(const Value& v, const TensorValue& param, bool placeholders, const std::string& what,
+                        std::vector<CopyJob>& copies) {
+  if (const Dict* d = v.if_dict()) {
+    auto out = Dict::make();
+    out->set_int_keys(d->int_keys());
+    for (const auto& e : *d) out->append_unique(e.key, TRY(own_value(e.value, param, placeholders, what + "." + e.key, copies)));
+    return Value(out);
+  }
+  const TensorValue* t = v.if_tensor();
+  if (t == nullptr) return v;
+  std::optional<Chunk> box;
+  if (!t->is_dist() && param.is_dist() && t->tensor.sizes() == c10::IntArrayRef(param.layout->global_shape())) {
+    CopySource src = TRY(copy_source(param, *t, what));
+    box = src.box;
+  }
+  if (!box && !placeholders) return v;  // aliased, as PyTorch's load_state_dict does
+  CopySource src{t->tensor, box};
+  const at::Tensor shape = src.view();
+  const c10::Device device = placeholders && !param.tensor.is_meta() ? param.tensor.device() : c10::Device(c10::DeviceType::CPU);
+  at::Tensor mine = at::empty(shape.sizes(), at::TensorOptions().dtype(shape.scalar_type()).device(
+                                                  placeholders ? device : t->tensor.device()));
+  copies.push_back(CopyJob{mine, std::move(src), what});
+  return Value(TensorValue{mine, box ? param.layout : nullptr, false});
+}
+
+// Plans loading `loaded` into registered state `target`, recursing into nested dicts that
+// exist on both sides.
+Status plan_dict_load(Dict& target, const Dict& loaded, const std::string& what, const TensorValue& param,
+                      bool placeholders, OptimLoadPlan& plan) {
   for (const auto& e : loaded) {
     const std::string name = what + "." + e.key;
     Value* cur = target.find(e.key);
     const TensorValue* src = e.value.if_tensor();
     if (cur != nullptr && cur->if_tensor() != nullptr && src != nullptr) {
-      at::Tensor source;
-      TRY(check_tensor_load(name, *cur->if_tensor(), *src, &source));
-      writes.push_back({&target, e.key, Value(), cur->if_tensor()->tensor, source});
+      CopySource source = TRY(check_tensor_load(name, *cur->if_tensor(), *src));
+      plan.copies.push_back(CopyJob{cur->if_tensor()->tensor, std::move(source), name});
       continue;
     }
     if (cur != nullptr && cur->if_dict() != nullptr && e.value.if_dict() != nullptr) {
-      TRY(plan_dict_load(*cur->if_dict(), *e.value.if_dict(), name, param, writes));
+      TRY(plan_dict_load(*cur->if_dict(), *e.value.if_dict(), name, param, placeholders, plan));
       continue;
     }
-    Value v = e.value;
-    // A full moment for a sharded parameter keeps only this rank's shard, like its parameter.
-    if (src != nullptr && !src->is_dist() && param != nullptr && param->is_dist() &&
-        src->tensor.sizes() == c10::IntArrayRef(param->layout->global_shape())) {
-      at::Tensor local = TRY(local_slice(src->tensor, *param->layout, name));
-      v = Value(TensorValue{local.clone(), param->layout, false});
-    }
-    writes.push_back({&target, e.key, std::move(v), {}, {}});
+    plan.replaces.push_back({&target, e.key, TRY(own_value(e.value, param, placeholders, name, plan.copies))});
   }
   return ok();
 }
 
-struct OptimLoadPlan {
-  Loaded loaded;
-  std::vector<StateWrite> writes;
-  std::vector<size_t> cleared;  // pids whose state is dropped
-};
-
 Result<OptimLoadPlan> plan_optim_load(Model& model, const Optimizer& optim, const std::vector<size_t>& mp,
-                                      const Dict& osd, const detail::Info& info) {
+                                      const Dict& osd, const detail::Info& info, bool placeholders) {
   const auto& params = *TRY(model.parameters());
   OptimLoadPlan plan;
+  plan.loaded = Loaded{std::vector<DictPtr>(optim.num_params()), std::vector<DictPtr>(optim.groups().size())};
   if (osd.empty()) return plan;
   if (const Dict* state = get_dict(osd, kState)) {
     const List* groups = TRY(param_groups_of(osd));
@@ -468,43 +485,30 @@ Result<OptimLoadPlan> plan_optim_load(Model& model, const Optimizer& optim, cons
       continue;
     }
     const std::string what = fmt::format("optimizer state of '{}'", params[mp[pid]].fqns.front());
-    if (optim.state(pid) == nullptr) continue;  // installed whole at apply time
-    TRY(plan_dict_load(*optim.state(pid), *st, what, &optim.param(pid), plan.writes));
+    if (optim.state(pid) != nullptr) {
+      TRY(plan_dict_load(*optim.state(pid), *st, what, optim.param(pid), placeholders, plan));
+    } else {
+      Value installed = TRY(own_value(Value(st), optim.param(pid), placeholders, what, plan.copies));
+      plan.installs.emplace_back(pid, installed.dict_ptr());
+    }
   }
   return plan;
 }
 
 Status apply_optim_load(Optimizer& optim, OptimLoadPlan& plan) {
   for (size_t pid : plan.cleared) TRY(optim.set_state(pid, nullptr));
-  for (StateWrite& w : plan.writes) {
-    if (w.dst.defined()) {
-      if (w.dst.is_same(w.src)) continue;
-      TRY(torch_call(Code::kInternal, fmt::format("copying optimizer state '{}'", w.key),
-                     [&] { w.dst.copy_(w.src); }));
-    } else {
-      w.target->set(w.key, std::move(w.value));
-    }
-  }
+  for (Replace& r : plan.replaces) r.target->set(r.key, std::move(r.value));
   for (size_t pid = 0; pid < optim.num_params(); ++pid) {
+    // Keys the registered state has but the loaded one lacks are dropped: a load replaces an
+    // optimizer's state wholesale.
     const DictPtr& st = plan.loaded.state[pid];
-    if (st == nullptr || optim.state(pid) != nullptr) {
-      // Keys the registered state has but the loaded one lacks are dropped, as a load replaces
-      // an optimizer's state wholesale.
-      if (st != nullptr) {
-        Dict& cur = *optim.state(pid);
-        for (size_t i = cur.size(); i-- > 0;) {
-          if (!st->contains(cur.key_at(i))) cur.erase_at(i);
-        }
-      }
-      continue;
+    if (st == nullptr || optim.state(pid) == nullptr) continue;
+    Dict& cur = *optim.state(pid);
+    for (size_t i = cur.size(); i-- > 0;) {
+      if (!st->contains(cur.key_at(i))) cur.erase_at(i);
     }
-    // No registered state: install the loaded one, its full moments sliced like the parameter.
-    auto installed = Dict::make();
-    std::vector<StateWrite> writes;
-    TRY(plan_dict_load(*installed, *st, "optimizer state", &optim.param(pid), writes));
-    for (StateWrite& w : writes) w.target->set(w.key, std::move(w.value));
-    TRY(optim.set_state(pid, installed));
   }
+  for (auto& [pid, state] : plan.installs) TRY(optim.set_state(pid, state));
   for (size_t g = 0; g < optim.groups().size(); ++g) {
     const DictPtr& loaded = plan.loaded.groups[g];
     if (loaded == nullptr) continue;
@@ -548,16 +552,41 @@ Result<DictPtr> build_optim_state_dict(Model& model, std::span<Optimizer* const>
 Status load_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const Dict& osd,
                              const Info& info) {
   if (!info.handle_optim) return ok();
-  for (Optimizer* optim : optimizers) {
-    Result<OptimLoadPlan> plan = [&]() -> Result<OptimLoadPlan> {
+  const bool broadcast = info.options.broadcast_from_rank0 && info.comm != nullptr;
+  // Under broadcast_from_rank0 every rank plans against rank 0's skeleton, whose tensors are
+  // placeholders filled by the stream.
+  std::vector<at::Tensor> rank0_tensors;
+  std::vector<at::Tensor> placeholders;
+  DictPtr skeleton;
+  if (broadcast) {
+    Result<std::string> encoded = info.rank == 0 ? encode_skeleton(osd, &rank0_tensors) : std::string();
+    TRY(agree_status(info, encoded.ok() ? ok() : Status(encoded.error())));
+    std::string bytes = TRY(broadcast_bytes(*info.comm, encoded.value(), 0));
+    skeleton = TRY(decode_skeleton(bytes, &placeholders));
+  }
+  const Dict& effective = broadcast ? *skeleton : osd;
+  // Plan every optimizer, agree, then copy: one stream serves them all.
+  std::vector<OptimLoadPlan> plans;
+  Status planned = [&]() -> Status {
+    for (Optimizer* optim : optimizers) {
       if (optim == nullptr) return Error(Code::kInvalidArgument, "an optimizer is NULL");
       std::vector<size_t> mp = TRY(model_params_of(model, *optim));
       TRY(materialize(model, *optim, mp));
-      return plan_optim_load(model, *optim, mp, osd, info);
-    }();
-    TRY(agree_status(info, plan.ok() ? ok() : Status(plan.error())));
-    TRY(apply_optim_load(*optim, plan.value()));
+      plans.push_back(TRY(plan_optim_load(model, *optim, mp, effective, info, broadcast)));
+    }
+    return ok();
+  }();
+  TRY(agree_status(info, std::move(planned)));
+  std::vector<CopyJob> copies;
+  for (OptimLoadPlan& p : plans) {
+    for (CopyJob& j : p.copies) copies.push_back(std::move(j));
   }
+  if (broadcast) {
+    TRY(broadcast_copies(*info.comm, rank0_tensors, placeholders, copies, info.options.bucket_bytes));
+  } else {
+    TRY(run_copies(copies));
+  }
+  for (size_t i = 0; i < plans.size(); ++i) TRY(apply_optim_load(*optimizers[i], plans[i]));
   return ok();
 }
 

@@ -335,13 +335,18 @@ Result<LocalPlan> build_local_plan(const Dict& state_dict, int64_t rank, SourceM
 
 Result<SaveInfo> save(Communicator& comm, const Dict& state_dict, const std::string& path,
                       const SaveOptions& options) {
+  return save_with_status(comm, state_dict, path, options, ok());
+}
+
+Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, const std::string& path,
+                                  const SaveOptions& options, Status incoming) {
   SaveOptions opt = options;
   if (opt.thread_count <= 0) opt.thread_count = static_cast<int>(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
   const int64_t rank = comm.rank();
   SourceMap sources;
   LocalPlan local;
-  Status st = ok();
-  if (opt.block_size < 4096 || (opt.block_size & (opt.block_size - 1)) != 0) {
+  Status st = std::move(incoming);
+  if (st.ok() && opt.block_size < 4096 || (opt.block_size & (opt.block_size - 1)) != 0) {
     st = make_error(Code::kInvalidArgument, "block size {} is not a power of two >= 4096", opt.block_size);
   }
   if (st.ok()) {

@@ -55,8 +55,8 @@ Result<TensorEntry> parse_entry(const std::string& name, const json& j, uint64_t
   if (sh == j.end() || !sh->is_array()) {
     return make_error_at(Code::kCorrupt, name, "safetensors entry '{}' has no shape array", name);
   }
-  // numel * element size must stay representable: every factor is bounded by the file size
-  // once it is multiplied in, so the running product never needs more than 128 bits.
+  // numel * element size in 128 bits, saturated at 2^64: each factor is < 2^63, so the
+  // running product never overflows.
   unsigned __int128 bytes = element_size(e.dtype);
   for (const json& d : *sh) {
     auto v = as_u64(d);
@@ -67,7 +67,8 @@ Result<TensorEntry> parse_entry(const std::string& name, const json& j, uint64_t
     }
     e.shape.push_back(static_cast<int64_t>(*v));
     bytes *= *v;
-    if (bytes > data_size) bytes = static_cast<unsigned __int128>(data_size) + 1;  // saturate
+    constexpr auto kCap = static_cast<unsigned __int128>(std::numeric_limits<uint64_t>::max()) + 1;
+    if (bytes > kCap) bytes = kCap;  // saturate: still never equal to a u64 span
   }
   auto off = j.find("data_offsets");
   if (off == j.end() || !off->is_array() || off->size() != 2) {
@@ -93,8 +94,9 @@ Result<TensorEntry> parse_entry(const std::string& name, const json& j, uint64_t
                          "safetensors entry '{}': shape and dtype {} need {} bytes but "
                          "data_offsets span {}",
                          name, dtype_name,
-                         bytes > data_size ? std::string("more than the file holds")
-                                           : std::to_string(static_cast<uint64_t>(bytes)),
+                         bytes > std::numeric_limits<uint64_t>::max()
+                             ? std::string("more than 2^64")
+                             : std::to_string(static_cast<uint64_t>(bytes)),
                          e.end - e.begin);
   }
   return e;

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 import cffi
 import pytest
 import torch
@@ -22,6 +24,13 @@ OPTIONAL = {
     "dsd_model_new": {"comm", "class_name"},
     "dsd_model_canonical_fqn": {"len_out"},
     "dsd_optim_set_param_state": {"state"},
+    # Checkpoints: comm NULL is a single process, options NULL the defaults, out NULL no report.
+    "dsd_save": {"comm", "options"},
+    "dsd_save_async": {"comm", "options"},
+    "dsd_load": {"comm", "options", "out"},
+    "dsd_checkpoint_manager_save": {"comm", "options"},
+    "dsd_checkpoint_manager_save_async": {"comm", "options"},
+    "dsd_checkpoint_manager_load_latest": {"comm", "options"},
 }
 
 
@@ -99,11 +108,62 @@ class Factory:
         self.keep.append(cap)
         return ffi.cast("struct DLManagedTensorVersioned*" if versioned else "struct DLManagedTensor*", ptr)
 
+    def checkpoint_dir(self):
+        """A directory holding a saved one-tensor checkpoint."""
+        tmp = tempfile.TemporaryDirectory()
+        self.keep.append(tmp)
+        sd = self.state_dict()
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_state_dict_set_tensor(sd, b"w", self.tensor, err), err)
+        path = (tmp.name + "/ck").encode()
+        _ok(lib.dsd_save(ffi.NULL, sd, path, ffi.NULL, err), err)
+        return sd, tmp.name, path
+
+    def future(self):
+        sd, tmp, _ = self.checkpoint_dir()
+        out = ffi.new("dsd_future**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_save_async(ffi.NULL, sd, (tmp + "/async").encode(), ffi.NULL, out, err), err)
+        _ok(lib.dsd_future_wait(out[0], -1, err), err)
+        return ffi.gc(out[0], lib.dsd_future_free)
+
+    def load_report(self):
+        sd, _, path = self.checkpoint_dir()
+        out = ffi.new("dsd_load_report**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_load(ffi.NULL, sd, path, ffi.NULL, out, err), err)
+        return ffi.gc(out[0], lib.dsd_load_report_free)
+
+    def manager(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.keep.append(tmp)
+        out = ffi.new("dsd_checkpoint_manager**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_checkpoint_manager_new(tmp.name.encode(), 1, out, err), err)
+        return ffi.gc(out[0], lib.dsd_checkpoint_manager_free)
+
     def value(self, name, ctype):
+        if ctype == "dsd_comm*":
+            return ffi.NULL  # a single process; communicators are optional here
+        if ctype in ("const dsd_save_options*", "const dsd_load_options*"):
+            o = ffi.new(ctype.replace("const ", ""))
+            (lib.dsd_save_options_init if "save" in ctype else lib.dsd_load_options_init)(o)
+            return o
+        if ctype in ("dsd_future*", "const dsd_future*"):
+            return self.future()
+        if ctype == "const dsd_load_report*":
+            return self.load_report()
+        if ctype in ("dsd_checkpoint_manager*", "const dsd_checkpoint_manager*"):
+            return self.manager()
+        if ctype == "const char* const*":
+            b = ffi.new("char[]", b"w")
+            arr = ffi.new("char*[1]", [b])
+            self.keep += [b, arr]
+            return arr
+        if ctype == "dsd_load_report_list":
+            return 0
         if ctype in ("dsd_state_dict*", "const dsd_state_dict*"):
             return self.state_dict()
-        if ctype == "dsd_comm*" and name == "comm":
-            return ffi.NULL  # NULL is a valid communicator argument where it is optional
         if ctype == "dsd_model*":
             return self.model()
         if ctype == "dsd_optim*":
@@ -111,11 +171,6 @@ class Factory:
         if ctype == "dsd_optim* const*":
             arr = ffi.new("dsd_optim*[1]", [self.optim()])
             self.keep.append(arr)
-            return arr
-        if ctype == "const char* const*":
-            s = ffi.new("char[]", b"w")
-            arr = ffi.new("char*[1]", [s])
-            self.keep += [s, arr]
             return arr
         if ctype in ("dsd_incompatible_keys*", "const dsd_incompatible_keys*"):
             return self.incompatible_keys()

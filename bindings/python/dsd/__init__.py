@@ -5,6 +5,8 @@ DLPack without copying; state dicts convert to and from Python dicts.
 """
 from __future__ import annotations
 
+from ._checkpoint import (CheckpointManager, LoadReport, SaveFuture, async_save, load, load_full,
+                          save, verify)
 from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
                       NotFoundError, ShapeMismatchError, UnsupportedError)
 from ._lib import ffi, lib, library_path
@@ -27,6 +29,8 @@ def version() -> str:
 __version__ = version()
 
 __all__ = [
+    "CheckpointManager", "LoadReport", "SaveFuture", "async_save", "load", "load_full", "save",
+    "verify",
     "DtypeMismatchError", "Error", "HandleError", "InvalidArgumentError", "NotFoundError",
     "ShapeMismatchError", "StateDict", "StateDictOptions", "Tensor", "UnsupportedError",
     "abi_version", "ffi", "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict",

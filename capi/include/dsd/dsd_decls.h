@@ -520,3 +520,141 @@ dsd_status dsd_optim_state_dict_to_fqn(const dsd_state_dict* positional, const c
                                        dsd_state_dict** out, dsd_error** err);
 dsd_status dsd_optim_state_dict_to_positional(const dsd_state_dict* fqn_form, const char* const* names,
                                               size_t n, dsd_state_dict** out, dsd_error** err);
+
+/* ============================================================================================
+ * Checkpoints
+ *
+ * A checkpoint is a directory: plain safetensors data files (readable by the safetensors
+ * library and PyTorch DCP's HuggingFaceStorageReader) and a JSON manifest,
+ * checkpoint.json, written last and atomically: without it the directory is not a
+ * checkpoint. Every byte is covered by XXH3-64 checksums that loads verify. No pickle.
+ *
+ * Communicators: `comm` NULL means a single process (world size 1). Until the communicator
+ * section lands, a non-NULL `comm` is DSD_E_UNSUPPORTED.
+ * Collective functions (those with `comm`) are called by every rank in the same order; an
+ * error on one rank is returned on every rank.
+ * ========================================================================================== */
+
+typedef struct dsd_future dsd_future;
+typedef struct dsd_load_report dsd_load_report;
+typedef struct dsd_checkpoint_manager dsd_checkpoint_manager;
+
+typedef struct dsd_save_options {
+  uint32_t struct_size;     /* sizeof(dsd_save_options), set by dsd_save_options_init */
+  bool overwrite;           /* replace an existing checkpoint (after the new one commits) */
+  int32_t thread_count;     /* writer threads (= data files) per rank; 0: min(4, cores) */
+  bool save_to_lowest_rank; /* replicated chunks written by the lowest rank, not balanced */
+  bool sync_files;          /* fsync data files before the commit (default true) */
+  uint64_t block_size;      /* bytes per checksummed block, a power of two >= 4096 (4 MiB) */
+} dsd_save_options;
+
+/* Fills `options` with the defaults. NULL is a no-op. */
+void dsd_save_options_init(dsd_save_options* options);
+
+typedef struct dsd_load_options {
+  uint32_t struct_size;  /* sizeof(dsd_load_options), set by dsd_load_options_init */
+  bool strict;           /* a key missing from the checkpoint is an error (default true) */
+  int32_t thread_count;  /* reader threads; 0: min(8, cores) */
+  bool verify;           /* check the checksum of every byte read (default true) */
+} dsd_load_options;
+
+/* Fills `options` with the defaults. NULL is a no-op. */
+void dsd_load_options_init(dsd_load_options* options);
+
+/* Saves the state dict `sd` (nested dicts and lists of tensors and values; tensors on CPU or
+ * CUDA) to the directory `path`. `options` may be NULL (defaults). Borrows everything;
+ * tensors must not be written to until it returns. Returns DSD_E_EXISTS (a checkpoint is
+ * there and !overwrite; the message names the path), DSD_E_NO_SPACE (disk full or file size
+ * limit; the previous checkpoint is intact), DSD_E_IO, DSD_E_INVALID_ARGUMENT (bad options,
+ * plans that do not validate), DSD_E_UNSUPPORTED, DSD_E_COMM. */
+dsd_status dsd_save(dsd_comm* comm, const dsd_state_dict* sd, const char* path,
+                    const dsd_save_options* options, dsd_error** err);
+
+/* Starts an asynchronous save: copies the state into reusable host buffers (pinned when CUDA
+ * is available; the same structure saved again allocates nothing), then writes and commits
+ * on a background thread. When it returns the tensors may be modified again. *out receives
+ * a future the caller frees with dsd_future_free(). Errors of the save itself (also staging
+ * errors) are reported by dsd_future_wait(), on every rank. A save still in flight from an
+ * earlier call is waited for first. */
+dsd_status dsd_save_async(dsd_comm* comm, const dsd_state_dict* sd, const char* path,
+                          const dsd_save_options* options, dsd_future** out, dsd_error** err);
+
+/* Waits for an asynchronous save: up to `timeout_ms` milliseconds (negative: forever).
+ * DSD_OK once committed, DSD_E_TIMEOUT while still running, otherwise the save's error.
+ * Any thread. */
+dsd_status dsd_future_wait(dsd_future* future, int64_t timeout_ms, dsd_error** err);
+
+/* Whether the state has been staged (always true once dsd_save_async returned) / whether the
+ * save has finished, committed or failed. Any thread. */
+dsd_status dsd_future_is_staged(const dsd_future* future, bool* out, dsd_error** err);
+dsd_status dsd_future_is_done(const dsd_future* future, bool* out, dsd_error** err);
+
+/* Frees a future. A save in flight goes on to completion. NULL is a no-op. */
+void dsd_future_free(dsd_future* future);
+
+/* Loads the checkpoint at `path` into `sd`, in place, resharding as needed: each tensor
+ * receives the saved bytes of its region; non-tensor values are replaced. `options` may be
+ * NULL. `out` may be NULL; otherwise *out receives a report (missing, unexpected and
+ * skipped keys) freed with dsd_load_report_free(). Returns DSD_E_NOT_FOUND (no checkpoint;
+ * a missing key when strict, named), DSD_E_SHAPE_MISMATCH, DSD_E_DTYPE_MISMATCH (naming the
+ * key, saved and current), DSD_E_WRONG_KIND, DSD_E_READ_ONLY, DSD_E_CORRUPT (checksum,
+ * truncated or malformed file; names file and key), DSD_E_IO, DSD_E_COMM. */
+dsd_status dsd_load(dsd_comm* comm, dsd_state_dict* sd, const char* path,
+                    const dsd_load_options* options, dsd_load_report** out, dsd_error** err);
+
+typedef int32_t dsd_load_report_list;
+#define DSD_LOAD_REPORT_MISSING 0    /* in the state dict, not in the checkpoint */
+#define DSD_LOAD_REPORT_UNEXPECTED 1 /* in the checkpoint, not in the state dict */
+#define DSD_LOAD_REPORT_SKIPPED 2    /* left untouched */
+
+/* Number of keys in one list of a report, and the key at a position (borrowed from the
+ * report, valid until it is freed). DSD_E_INVALID_ARGUMENT for an unknown list or index. */
+dsd_status dsd_load_report_count(const dsd_load_report* report, dsd_load_report_list list,
+                                 size_t* out, dsd_error** err);
+dsd_status dsd_load_report_key(const dsd_load_report* report, dsd_load_report_list list,
+                               size_t index, const char** out, dsd_error** err);
+
+/* Frees a report. NULL is a no-op. */
+void dsd_load_report_free(dsd_load_report* report);
+
+/* A new state dict of full CPU tensors and values read from the checkpoint at `path`, without
+ * a communicator (like DCP's _load_state_dict_from_keys). `keys` (`n_keys` of them; NULL
+ * when 0) selects flat keys or dotted prefixes of nested paths ("model" selects
+ * "model.layer.weight"); none selects all. *out is freed with dsd_state_dict_free().
+ * Returns DSD_E_NOT_FOUND (no checkpoint, or a key matching nothing), DSD_E_CORRUPT, DSD_E_IO. */
+dsd_status dsd_load_full(const char* path, const char* const* keys, size_t n_keys,
+                         dsd_state_dict** out, dsd_error** err);
+
+/* Reads every chunk of the checkpoint at `path` and checks its checksums. DSD_OK when intact;
+ * DSD_E_CORRUPT naming the first damaged file and key otherwise. */
+dsd_status dsd_checkpoint_verify(const char* path, dsd_error** err);
+
+/* A checkpoint manager over the directory `root`: saves go to `root/step_<N>`, a `latest`
+ * file moves after each commit, and only the newest `keep_last` complete checkpoints are
+ * kept (`keep_last` <= 0: all). Free with dsd_checkpoint_manager_free(). */
+dsd_status dsd_checkpoint_manager_new(const char* root, int32_t keep_last,
+                                      dsd_checkpoint_manager** out, dsd_error** err);
+
+/* Frees a manager, waiting for its asynchronous save in flight. NULL is a no-op. */
+void dsd_checkpoint_manager_free(dsd_checkpoint_manager* manager);
+
+/* Saves step `step` (as dsd_save), then moves `latest` and applies retention. */
+dsd_status dsd_checkpoint_manager_save(dsd_checkpoint_manager* manager, dsd_comm* comm,
+                                       const dsd_state_dict* sd, int64_t step,
+                                       const dsd_save_options* options, dsd_error** err);
+
+/* The same asynchronously (as dsd_save_async); `latest` and retention follow the commit. */
+dsd_status dsd_checkpoint_manager_save_async(dsd_checkpoint_manager* manager, dsd_comm* comm,
+                                             const dsd_state_dict* sd, int64_t step,
+                                             const dsd_save_options* options, dsd_future** out,
+                                             dsd_error** err);
+
+/* The newest complete step: *found is false when there is none (then *out is left alone). */
+dsd_status dsd_checkpoint_manager_latest_step(const dsd_checkpoint_manager* manager, bool* found,
+                                              int64_t* out, dsd_error** err);
+
+/* Loads the newest complete step into `sd` (as dsd_load), skipping incomplete ones. *found is
+ * false (and `sd` untouched) when there is none; otherwise *step receives the step. */
+dsd_status dsd_checkpoint_manager_load_latest(dsd_checkpoint_manager* manager, dsd_comm* comm,
+                                              dsd_state_dict* sd, const dsd_load_options* options,
+                                              bool* found, int64_t* step, dsd_error** err);

@@ -1,0 +1,211 @@
+#include "core/checkpoint/io.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "core/base/format.h"
+
+namespace dsd::checkpoint {
+namespace {
+
+Error io_error(int err, const std::string& path, std::string_view what) {
+  const Code code = (err == ENOSPC || err == EDQUOT || err == EFBIG) ? Code::kNoSpace : Code::kIo;
+  return make_error_at(code, path, "{} '{}': {}", what, path, std::strerror(err));
+}
+
+}  // namespace
+
+File& File::operator=(File&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.fd_;
+    path_ = std::move(o.path_);
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+File::~File() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status File::close() {
+  if (fd_ < 0) return ok();
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0 && errno != EINTR) return io_error(errno, path_, "cannot close");
+  return ok();
+}
+
+std::string join(std::string_view dir, std::string_view name) {
+  std::string out(dir);
+  if (!out.empty() && out.back() != '/') out += '/';
+  out += name;
+  return out;
+}
+
+Result<File> open_for_read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return make_error_at(Code::kNotFound, path, "file '{}' does not exist", path);
+    return io_error(errno, path, "cannot open");
+  }
+  return File(fd, path);
+}
+
+Result<File> create_new(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    if (errno == EEXIST) return make_error_at(Code::kExists, path, "file '{}' already exists", path);
+    return io_error(errno, path, "cannot create");
+  }
+  return File(fd, path);
+}
+
+Status write_all(const File& f, const void* data, size_t len) {
+  const auto* p = static_cast<const char*>(data);
+  while (len > 0) {
+    // Linux writes at most 0x7ffff000 bytes per call.
+    const ssize_t w = ::write(f.fd(), p, std::min<size_t>(len, size_t{1} << 30));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return io_error(errno, f.path(), "cannot write");
+    }
+    if (w == 0) return io_error(ENOSPC, f.path(), "cannot write");
+    p += w;
+    len -= static_cast<size_t>(w);
+  }
+  return ok();
+}
+
+Status pread_all(const File& f, void* data, size_t len, uint64_t offset) {
+  auto* p = static_cast<char*>(data);
+  while (len > 0) {
+    const ssize_t r = ::pread(f.fd(), p, std::min<size_t>(len, size_t{1} << 30), static_cast<off_t>(offset));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return io_error(errno, f.path(), "cannot read");
+    }
+    if (r == 0) {
+      return make_error_at(Code::kCorrupt, f.path(), "data file '{}' is truncated: nothing to read at byte {}",
+                           f.path(), offset);
+    }
+    p += r;
+    len -= static_cast<size_t>(r);
+    offset += static_cast<uint64_t>(r);
+  }
+  return ok();
+}
+
+Result<uint64_t> file_size(const File& f) {
+  struct stat st {};
+  if (::fstat(f.fd(), &st) != 0) return io_error(errno, f.path(), "cannot stat");
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Status sync(const File& f) {
+  if (::fsync(f.fd()) != 0) return io_error(errno, f.path(), "cannot fsync");
+  return ok();
+}
+
+Status sync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return io_error(errno, dir, "cannot open directory");
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  // Some file systems refuse fsync on directories (EINVAL); their renames are durable anyway.
+  if (rc != 0 && err != EINVAL) return io_error(err, dir, "cannot fsync directory");
+  return ok();
+}
+
+Status make_dirs(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(path, ec);
+  if (ec) return make_error_at(Code::kIo, path, "cannot create directory '{}': {}", path, ec.message());
+  if (!is_directory(path)) {
+    return make_error_at(Code::kIo, path, "'{}' exists and is not a directory", path);
+  }
+  return ok();
+}
+
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+Result<std::vector<std::string>> list_dir(const std::string& path) {
+  DIR* d = ::opendir(path.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT) return make_error_at(Code::kNotFound, path, "directory '{}' does not exist", path);
+    return io_error(errno, path, "cannot list directory");
+  }
+  std::vector<std::string> out;
+  while (const dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n != "." && n != "..") out.emplace_back(n);
+  }
+  ::closedir(d);
+  return out;
+}
+
+Status remove_file(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return io_error(errno, path, "cannot remove");
+  return ok();
+}
+
+Status remove_tree(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+  if (ec) return make_error_at(Code::kIo, path, "cannot remove '{}': {}", path, ec.message());
+  return ok();
+}
+
+Result<std::string> read_file(const std::string& path, uint64_t max_bytes) {
+  File f = TRY(open_for_read(path));
+  const uint64_t size = TRY(file_size(f));
+  if (size > max_bytes) {
+    return make_error_at(Code::kCorrupt, path, "'{}' is {} bytes, more than the limit of {}", path,
+                         size, max_bytes);
+  }
+  std::string out(static_cast<size_t>(size), '\0');
+  TRY(pread_all(f, out.data(), out.size(), 0));
+  return out;
+}
+
+Status write_file_atomic(const std::string& dir, std::string_view name, std::string_view content) {
+  static std::atomic<uint64_t> counter{0};
+  const std::string tmp = join(dir, fmt::format("{}.tmp-{}-{}", name, ::getpid(), counter++));
+  const std::string final_path = join(dir, name);
+  {
+    File f = TRY(create_new(tmp));
+    Status s = write_all(f, content.data(), content.size());
+    if (s.ok()) s = sync(f);
+    if (s.ok()) s = f.close();
+    if (!s.ok()) {
+      (void)remove_file(tmp);
+      return s;
+    }
+  }
+  if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
+    Error e = io_error(errno, final_path, "cannot rename into place");
+    (void)remove_file(tmp);
+    return e;
+  }
+  return sync_dir(dir);
+}
+
+}  // namespace dsd::checkpoint

@@ -1,0 +1,70 @@
+// File-system primitives of the checkpoint storage: RAII descriptors, full writes and reads
+// with errors that name the file, fsync of files and directories, atomic small files.
+//
+// Error codes: ENOSPC, EDQUOT and EFBIG (RLIMIT_FSIZE; the process must ignore SIGXFSZ to
+// see it as an error) are kNoSpace; a read past the end of a file is kCorrupt (truncated);
+// anything else is kIo. Every message names the file.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/base/result.h"
+
+namespace dsd::checkpoint {
+
+class File {
+ public:
+  File() = default;
+  explicit File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  File(File&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+  File& operator=(File&& o) noexcept;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File();
+
+  int fd() const { return fd_; }
+  const std::string& path() const { return path_; }
+  bool is_open() const { return fd_ >= 0; }
+  // Closes and reports the close error (deferred write errors on some file systems).
+  Status close();
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
+// "dir/name".
+std::string join(std::string_view dir, std::string_view name);
+
+Result<File> open_for_read(const std::string& path);
+// Creates a new file; kExists when it is already there (never truncates another file).
+Result<File> create_new(const std::string& path);
+
+Status write_all(const File& f, const void* data, size_t len);
+Status pread_all(const File& f, void* data, size_t len, uint64_t offset);
+Result<uint64_t> file_size(const File& f);
+Status sync(const File& f);
+Status sync_dir(const std::string& dir);
+
+// mkdir -p.
+Status make_dirs(const std::string& path);
+bool path_exists(const std::string& path);
+bool is_directory(const std::string& path);
+// Plain names of the entries of a directory (no "." or "..").
+Result<std::vector<std::string>> list_dir(const std::string& path);
+// Removes a file; a missing file is not an error.
+Status remove_file(const std::string& path);
+// Removes a directory tree (the checkpoint manager's retention).
+Status remove_tree(const std::string& path);
+
+// Reads a whole file of at most `max_bytes`.
+Result<std::string> read_file(const std::string& path, uint64_t max_bytes);
+// Writes `dir/name` atomically: a temporary file in `dir`, fsync, rename over `name`, fsync
+// of `dir`. Readers see the old content or the new one, never a mix.
+Status write_file_atomic(const std::string& dir, std::string_view name, std::string_view content);
+
+}  // namespace dsd::checkpoint

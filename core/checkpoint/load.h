@@ -1,0 +1,64 @@
+// Loading a dsd checkpoint, in place and with resharding (DCP's dcp.load), or into a new
+// full state dict (DCP's _load_state_dict_from_keys).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/base/result.h"
+#include "core/checkpoint/manifest.h"
+#include "core/dist/comm.h"
+#include "core/statedict/value.h"
+
+namespace dsd::checkpoint {
+
+struct LoadOptions {
+  // A key of the state dict missing from the checkpoint is an error (kNotFound naming it);
+  // otherwise it is left as it is and reported.
+  bool strict = true;
+  // Reader threads; 0 picks min(8, cores).
+  int thread_count = 0;
+  // Check the block checksums of every byte read (kCorrupt naming file and key on mismatch).
+  bool verify = true;
+};
+
+struct LoadReport {
+  std::vector<std::string> missing_keys;     // in the state dict, not in the checkpoint
+  std::vector<std::string> unexpected_keys;  // in the checkpoint, not in the state dict
+  std::vector<std::string> skipped_keys;     // left untouched (the missing keys, when !strict)
+  uint64_t bytes_read = 0;                   // by this rank
+};
+
+// Reads and validates `path`/checkpoint.json. kNotFound when the directory holds no
+// committed checkpoint.
+Result<Manifest> read_manifest(const std::string& path);
+
+// Loads the checkpoint at `path` into `state_dict`, in place: every tensor (whole, or this
+// rank's chunk of a distributed tensor, at any world size or layout) receives the saved
+// bytes of its region; non-tensor leaves are replaced by the saved values. Collective; an
+// error on one rank fails every rank. Errors: kNotFound (missing key when strict, no
+// checkpoint), kShapeMismatch / kDtypeMismatch (naming key, saved and current), kWrongKind (a
+// tensor saved where a value is expected or the reverse), kReadOnly, kCorrupt (checksum,
+// truncated or malformed file, naming file and key), kIo, kComm.
+Result<LoadReport> load(Communicator& comm, Dict& state_dict, const std::string& path,
+                        const LoadOptions& options = {});
+
+// A new nested state dict of full CPU tensors and values, without a communicator. `keys`
+// (empty: all) selects flat keys, or any dotted prefix of their nested path ("model" selects
+// "model.layer.weight"). kNotFound when a requested key matches nothing.
+Result<DictPtr> load_full(const std::string& path, std::span<const std::string> keys = {},
+                          const LoadOptions& options = {});
+
+struct VerifyProblem {
+  std::string file;
+  std::string key;
+  std::string message;
+};
+
+// Reads every chunk of the checkpoint and checks its chunk and block checksums; one problem
+// per damaged chunk (empty when intact). Errors only when the manifest itself is unusable.
+Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count = 0);
+
+}  // namespace dsd::checkpoint

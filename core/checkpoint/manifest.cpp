@@ -1,0 +1,531 @@
+#include "core/checkpoint/manifest.h"
+
+#include <algorithm>
+#include <limits>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "core/base/format.h"
+
+namespace dsd::checkpoint {
+namespace {
+
+using nlohmann::json;
+
+constexpr std::string_view kFormatName = "dsd-checkpoint";
+constexpr int kMaxValueDepth = 64;
+
+std::optional<int64_t> as_i64(const json& j) {
+  if (j.is_number_integer() && !j.is_number_unsigned()) return j.get<int64_t>();
+  if (j.is_number_unsigned() && j.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return static_cast<int64_t>(j.get<uint64_t>());
+  }
+  return std::nullopt;
+}
+
+std::optional<uint64_t> as_u64(const json& j) {
+  if (j.is_number_unsigned()) return j.get<uint64_t>();
+  if (j.is_number_integer() && j.get<int64_t>() >= 0) return static_cast<uint64_t>(j.get<int64_t>());
+  return std::nullopt;
+}
+
+// Field readers: each names the field and what it belongs to in its error.
+const json* field(const json& obj, std::string_view name) {
+  auto it = obj.find(name);
+  return it == obj.end() ? nullptr : &*it;
+}
+
+Error bad(std::string_view source, std::string_view where, std::string_view what) {
+  return make_error_at(Code::kCorrupt, std::string(where), "{}: {} {}", source, where, what);
+}
+
+Result<std::string> get_string(const json& obj, std::string_view name, std::string_view source,
+                               std::string_view where) {
+  const json* f = field(obj, name);
+  if (f == nullptr || !f->is_string()) {
+    return bad(source, where, fmt::format("has no string '{}'", name));
+  }
+  return f->get<std::string>();
+}
+
+Result<int64_t> get_i64(const json& obj, std::string_view name, std::string_view source,
+                        std::string_view where) {
+  const json* f = field(obj, name);
+  auto v = f ? as_i64(*f) : std::nullopt;
+  if (!v) return bad(source, where, fmt::format("has no integer '{}'", name));
+  return *v;
+}
+
+Result<uint64_t> get_u64(const json& obj, std::string_view name, std::string_view source,
+                         std::string_view where) {
+  const json* f = field(obj, name);
+  auto v = f ? as_u64(*f) : std::nullopt;
+  if (!v) return bad(source, where, fmt::format("has no non-negative integer '{}'", name));
+  return *v;
+}
+
+Result<std::vector<int64_t>> get_dims(const json& obj, std::string_view name,
+                                      std::string_view source, std::string_view where) {
+  const json* f = field(obj, name);
+  if (f == nullptr || !f->is_array()) return bad(source, where, fmt::format("has no array '{}'", name));
+  std::vector<int64_t> out;
+  for (const json& d : *f) {
+    auto v = as_i64(d);
+    if (!v || *v < 0) {
+      return bad(source, where, fmt::format("has a negative or non-integer entry in '{}'", name));
+    }
+    out.push_back(*v);
+  }
+  return out;
+}
+
+Result<uint64_t> get_hex(const json& j, std::string_view source, std::string_view where) {
+  if (!j.is_string()) return bad(source, where, "has a checksum that is not a hex string");
+  auto v = parse_hex64(j.get_ref<const std::string&>());
+  if (!v) return bad(source, where, "has a checksum that is not 16 hex digits");
+  return *v;
+}
+
+Result<ChunkRecord> parse_chunk(const json& j, std::string_view source, const std::string& key) {
+  if (!j.is_object()) return bad(source, key, "has a chunk that is not an object");
+  ChunkRecord c;
+  c.offsets = TRY(get_dims(j, "offsets", source, key));
+  c.sizes = TRY(get_dims(j, "sizes", source, key));
+  c.file = TRY(get_string(j, "file", source, key));
+  c.begin = TRY(get_u64(j, "begin", source, key));
+  c.end = TRY(get_u64(j, "end", source, key));
+  const json* h = field(j, "xxh3");
+  if (h == nullptr) return bad(source, key, "has a chunk without 'xxh3'");
+  c.xxh3 = TRY(get_hex(*h, source, key));
+  const json* blocks = field(j, "blocks");
+  if (blocks == nullptr || !blocks->is_array()) return bad(source, key, "has a chunk without 'blocks'");
+  for (const json& b : *blocks) c.blocks.push_back(TRY(get_hex(b, source, key)));
+  return c;
+}
+
+Result<Entry> parse_entry(const json& j, std::string_view source) {
+  if (!j.is_object()) return bad(source, "entries", "holds an entry that is not an object");
+  Entry e;
+  e.key = TRY(get_string(j, "key", source, "an entry"));
+  const json* path = field(j, "path");
+  if (path == nullptr || !path->is_array() || path->empty()) {
+    return bad(source, e.key, "has no non-empty 'path'");
+  }
+  for (const json& p : *path) {
+    if (p.is_string()) {
+      e.path.emplace_back(p.get<std::string>());
+    } else if (auto i = as_i64(p)) {
+      e.path.emplace_back(*i);
+    } else {
+      return bad(source, e.key, "has a path item that is neither a string nor an integer");
+    }
+  }
+  const std::string kind = TRY(get_string(j, "kind", source, e.key));
+  if (kind == "value") {
+    e.kind = Entry::Kind::kValue;
+    const json* v = field(j, "value");
+    if (v == nullptr) return bad(source, e.key, "has no 'value'");
+    e.value = *v;
+    return e;
+  }
+  if (kind != "tensor") return bad(source, e.key, fmt::format("has an unknown kind '{}'", kind));
+  e.kind = Entry::Kind::kTensor;
+  const std::string dtype = TRY(get_string(j, "dtype", source, e.key));
+  auto dt = dtype_from_name(dtype);
+  if (!dt) return bad(source, e.key, fmt::format("has an unknown dtype '{}'", dtype));
+  e.dtype = *dt;
+  e.shape = TRY(get_dims(j, "shape", source, e.key));
+  const json* chunks = field(j, "chunks");
+  if (chunks == nullptr || !chunks->is_array()) return bad(source, e.key, "has no 'chunks' array");
+  for (const json& c : *chunks) e.chunks.push_back(TRY(parse_chunk(c, source, e.key)));
+  return e;
+}
+
+// Whether two boxes of the same rank share an element.
+bool boxes_overlap(const ChunkRecord& a, const ChunkRecord& b) {
+  for (size_t d = 0; d < a.offsets.size(); ++d) {
+    if (a.offsets[d] >= b.offsets[d] + b.sizes[d] || b.offsets[d] >= a.offsets[d] + a.sizes[d]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// numel of `dims`, or nullopt when it overflows int64.
+std::optional<int64_t> checked_numel(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) {
+    if (d != 0 && n > std::numeric_limits<int64_t>::max() / d) return std::nullopt;
+    n *= d;
+  }
+  return n;
+}
+
+Status validate_tensor(const Manifest& m, const Entry& e,
+                       const std::unordered_map<std::string, const FileRecord*>& files) {
+  const auto numel = checked_numel(e.shape);
+  if (!numel) return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has an overflowing shape", e.key);
+  int64_t covered = 0;
+  const uint64_t esize = element_size(e.dtype);
+  for (const ChunkRecord& c : e.chunks) {
+    if (c.offsets.size() != e.shape.size() || c.sizes.size() != e.shape.size()) {
+      return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has a chunk of rank {} for a {}-d tensor",
+                           e.key, c.sizes.size(), e.shape.size());
+    }
+    for (size_t d = 0; d < e.shape.size(); ++d) {
+      if (c.offsets[d] < 0 || c.sizes[d] < 0 || c.offsets[d] > e.shape[d] ||
+          c.sizes[d] > e.shape[d] - c.offsets[d]) {
+        return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has a chunk outside its shape",
+                             e.key);
+      }
+    }
+    const int64_t n = *checked_numel(c.sizes);  // bounded by the shape's numel
+    covered += n;
+    auto f = files.find(c.file);
+    if (f == files.end()) {
+      return make_error_at(Code::kCorrupt, e.key, "tensor '{}' names a data file '{}' not in the manifest",
+                           e.key, c.file);
+    }
+    if (c.begin > c.end || c.end > f->second->size) {
+      return make_error_at(Code::kCorrupt, e.key,
+                           "tensor '{}' has a byte range [{}, {}) outside '{}' of {} bytes", e.key,
+                           c.begin, c.end, c.file, f->second->size);
+    }
+    if (static_cast<unsigned __int128>(n) * esize != c.end - c.begin) {
+      return make_error_at(Code::kCorrupt, e.key,
+                           "tensor '{}' has a chunk of {} elements stored in {} bytes", e.key, n,
+                           c.end - c.begin);
+    }
+    if (c.blocks.size() != block_count(c.end - c.begin, m.block_size)) {
+      return make_error_at(Code::kCorrupt, e.key,
+                           "tensor '{}' has {} block checksums for {} bytes", e.key,
+                           c.blocks.size(), c.end - c.begin);
+    }
+  }
+  for (size_t i = 0; i < e.chunks.size(); ++i) {
+    if (e.chunks[i].sizes.empty() || checked_numel(e.chunks[i].sizes) == 0) continue;
+    for (size_t k = i + 1; k < e.chunks.size(); ++k) {
+      if (boxes_overlap(e.chunks[i], e.chunks[k])) {
+        return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has overlapping chunks", e.key);
+      }
+    }
+  }
+  if (covered != *numel) {
+    return make_error_at(Code::kCorrupt, e.key,
+                         "tensor '{}' has chunks covering {} of its {} elements", e.key, covered,
+                         *numel);
+  }
+  return ok();
+}
+
+void append_base64(std::string& out, const unsigned char* p, size_t n) {
+  static constexpr char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  size_t i = 0;
+  for (; i + 3 <= n; i += 3) {
+    const uint32_t v = (p[i] << 16) | (p[i + 1] << 8) | p[i + 2];
+    out += kAlphabet[v >> 18];
+    out += kAlphabet[(v >> 12) & 63];
+    out += kAlphabet[(v >> 6) & 63];
+    out += kAlphabet[v & 63];
+  }
+  if (n - i == 1) {
+    const uint32_t v = p[i] << 16;
+    out += kAlphabet[v >> 18];
+    out += kAlphabet[(v >> 12) & 63];
+    out += "==";
+  } else if (n - i == 2) {
+    const uint32_t v = (p[i] << 16) | (p[i + 1] << 8);
+    out += kAlphabet[v >> 18];
+    out += kAlphabet[(v >> 12) & 63];
+    out += kAlphabet[(v >> 6) & 63];
+    out += '=';
+  }
+}
+
+Status check_value_rec(const json& v, std::string_view key, int depth) {
+  auto corrupt = [&](std::string_view what) {
+    return make_error_at(Code::kCorrupt, std::string(key), "value '{}' {}", key, what);
+  };
+  if (depth > kMaxValueDepth) return corrupt("is nested too deeply");
+  if (v.is_null() || v.is_boolean() || v.is_number() || v.is_string()) {
+    if (v.is_number_unsigned() && !as_i64(v)) return corrupt("holds an integer beyond int64");
+    return ok();
+  }
+  if (v.is_array()) {
+    for (const json& x : v) TRY(check_value_rec(x, key, depth + 1));
+    return ok();
+  }
+  if (!v.is_object()) return corrupt("has an unknown JSON type");
+  if (v.size() == 1 && v.contains("double")) {
+    const json& d = v["double"];
+    if (!d.is_string()) return corrupt("has a bad special double");
+    const auto& s = d.get_ref<const std::string&>();
+    if (s != "nan" && s != "inf" && s != "-inf") return corrupt("has a bad special double");
+    return ok();
+  }
+  if (v.size() == 1 && (v.contains("bytes") || v.contains("string_b64"))) {
+    const json& b = v.begin().value();
+    if (!b.is_string() || !base64_decode(b.get_ref<const std::string&>())) {
+      return corrupt("has bytes that are not base64");
+    }
+    return ok();
+  }
+  if (v.size() == 1 && v.contains("tuple")) {
+    if (!v["tuple"].is_array()) return corrupt("has a tuple that is not an array");
+    for (const json& x : v["tuple"]) TRY(check_value_rec(x, key, depth + 1));
+    return ok();
+  }
+  if (v.contains("dict") && v.contains("int_keys") && v.size() == 2) {
+    if (!v["dict"].is_array() || !v["int_keys"].is_boolean()) return corrupt("has a bad dict");
+    std::set<std::string> keys;
+    for (const json& kv : v["dict"]) {
+      if (!kv.is_array() || kv.size() != 2 || !kv[0].is_string()) return corrupt("has a bad dict item");
+      if (!keys.insert(kv[0].get<std::string>()).second) return corrupt("has a dict with a repeated key");
+      TRY(check_value_rec(kv[1], key, depth + 1));
+    }
+    return ok();
+  }
+  return corrupt("has an unknown tagged object");
+}
+
+}  // namespace
+
+const Entry* Manifest::find(std::string_view key) const {
+  for (const Entry& e : entries) {
+    if (e.key == key) return &e;
+  }
+  return nullptr;
+}
+
+std::string hex64(uint64_t v) { return fmt::format("{:016x}", v); }
+
+std::optional<uint64_t> parse_hex64(std::string_view s) {
+  if (s.size() != 16) return std::nullopt;
+  uint64_t v = 0;
+  for (char c : s) {
+    int d;
+    if (c >= '0' && c <= '9') d = c - '0';
+    else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+    else return std::nullopt;
+    v = (v << 4) | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+
+uint64_t block_count(uint64_t nbytes, uint64_t block_size) {
+  return nbytes == 0 ? 0 : (nbytes - 1) / block_size + 1;
+}
+
+bool is_plain_file_name(std::string_view name) {
+  if (name.empty() || name == "." || name == ".." || name.size() > 255) return false;
+  return name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos &&
+         name.find('\\') == std::string_view::npos;
+}
+
+std::string base64_encode(std::string_view bytes) {
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  append_base64(out, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+  return out;
+}
+
+std::optional<std::string> base64_decode(std::string_view text) {
+  if (text.size() % 4 != 0) return std::nullopt;
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::string out;
+  out.reserve(text.size() / 4 * 3);
+  for (size_t i = 0; i < text.size(); i += 4) {
+    const bool last = i + 4 == text.size();
+    int v[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      const char c = text[i + static_cast<size_t>(k)];
+      if (c == '=' && last && k >= 2) {
+        v[k] = 0;
+        ++pad;
+      } else {
+        if (pad > 0) return std::nullopt;
+        v[k] = val(c);
+        if (v[k] < 0) return std::nullopt;
+      }
+    }
+    const uint32_t n = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
+    out += static_cast<char>((n >> 16) & 0xFF);
+    if (pad < 2) out += static_cast<char>((n >> 8) & 0xFF);
+    if (pad < 1) out += static_cast<char>(n & 0xFF);
+  }
+  return out;
+}
+
+Status check_value_json(const json& v, std::string_view key) { return check_value_rec(v, key, 0); }
+
+std::string manifest_to_json(const Manifest& m) {
+  nlohmann::ordered_json j;
+  j["format"] = kFormatName;
+  j["format_version"] = m.format_version;
+  j["save_id"] = m.save_id;
+  j["world_size"] = m.world_size;
+  j["mesh"] = m.mesh_shape ? nlohmann::ordered_json{{"shape", *m.mesh_shape}} : nlohmann::ordered_json(nullptr);
+  j["block_size"] = m.block_size;
+  auto& files = j["files"] = nlohmann::ordered_json::array();
+  for (const FileRecord& f : m.files) {
+    files.push_back({{"name", f.name}, {"rank", f.rank}, {"size", f.size}});
+  }
+  auto& ikd = j["int_key_dicts"] = nlohmann::ordered_json::array();
+  for (const auto& path : m.int_key_dicts) {
+    auto& p = ikd.emplace_back(nlohmann::ordered_json::array());
+    for (const PathItem& x : path) {
+      if (const auto* s = std::get_if<std::string>(&x)) p.push_back(*s);
+      else p.push_back(std::get<int64_t>(x));
+    }
+  }
+  auto& entries = j["entries"] = nlohmann::ordered_json::array();
+  for (const Entry& e : m.entries) {
+    nlohmann::ordered_json o;
+    o["key"] = e.key;
+    auto& path = o["path"] = nlohmann::ordered_json::array();
+    for (const PathItem& p : e.path) {
+      if (const auto* s = std::get_if<std::string>(&p)) path.push_back(*s);
+      else path.push_back(std::get<int64_t>(p));
+    }
+    if (e.kind == Entry::Kind::kValue) {
+      o["kind"] = "value";
+      o["value"] = nlohmann::ordered_json::parse(e.value.dump());
+    } else {
+      o["kind"] = "tensor";
+      o["dtype"] = dtype_name(e.dtype);
+      o["shape"] = e.shape;
+      auto& chunks = o["chunks"] = nlohmann::ordered_json::array();
+      for (const ChunkRecord& c : e.chunks) {
+        nlohmann::ordered_json cj;
+        cj["offsets"] = c.offsets;
+        cj["sizes"] = c.sizes;
+        cj["file"] = c.file;
+        cj["begin"] = c.begin;
+        cj["end"] = c.end;
+        cj["xxh3"] = hex64(c.xxh3);
+        auto& blocks = cj["blocks"] = nlohmann::ordered_json::array();
+        for (uint64_t b : c.blocks) blocks.push_back(hex64(b));
+        chunks.push_back(std::move(cj));
+      }
+    }
+    entries.push_back(std::move(o));
+  }
+  return j.dump(1) + "\n";
+}
+
+Result<Manifest> parse_manifest(std::string_view text, std::string_view source) {
+  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    return make_error_at(Code::kCorrupt, std::string(source), "{} is not valid JSON", source);
+  }
+  if (!j.is_object()) {
+    return make_error_at(Code::kCorrupt, std::string(source), "{} is not a JSON object", source);
+  }
+  const std::string format = TRY(get_string(j, "format", source, "the manifest"));
+  if (format != kFormatName) {
+    return make_error_at(Code::kCorrupt, std::string(source), "{} is not a dsd checkpoint manifest (format '{}')",
+                         source, format);
+  }
+  Manifest m;
+  const int64_t version = TRY(get_i64(j, "format_version", source, "the manifest"));
+  if (version != kFormatVersion) {
+    return make_error_at(Code::kUnsupported, std::string(source),
+                         "{} has format version {}; this dsd reads version {}", source, version,
+                         kFormatVersion);
+  }
+  m.save_id = TRY(get_string(j, "save_id", source, "the manifest"));
+  m.world_size = TRY(get_i64(j, "world_size", source, "the manifest"));
+  if (m.world_size < 1) return bad(source, "the manifest", "has a world size below 1");
+  const json* mesh = field(j, "mesh");
+  if (mesh != nullptr && !mesh->is_null()) {
+    if (!mesh->is_object()) return bad(source, "the manifest", "has a mesh that is not an object");
+    m.mesh_shape = TRY(get_dims(*mesh, "shape", source, "the mesh"));
+  }
+  m.block_size = TRY(get_u64(j, "block_size", source, "the manifest"));
+  if (m.block_size == 0) return bad(source, "the manifest", "has a block size of 0");
+  const json* files = field(j, "files");
+  if (files == nullptr || !files->is_array()) return bad(source, "the manifest", "has no 'files' array");
+  for (const json& f : *files) {
+    if (!f.is_object()) return bad(source, "files", "holds an entry that is not an object");
+    FileRecord r;
+    r.name = TRY(get_string(f, "name", source, "a file record"));
+    r.rank = TRY(get_i64(f, "rank", source, r.name));
+    r.size = TRY(get_u64(f, "size", source, r.name));
+    m.files.push_back(std::move(r));
+  }
+  if (const json* ikd = field(j, "int_key_dicts"); ikd != nullptr) {
+    if (!ikd->is_array()) return bad(source, "the manifest", "has an 'int_key_dicts' that is not an array");
+    for (const json& p : *ikd) {
+      if (!p.is_array()) return bad(source, "int_key_dicts", "holds a path that is not an array");
+      std::vector<PathItem> path;
+      for (const json& x : p) {
+        if (x.is_string()) path.emplace_back(x.get<std::string>());
+        else if (auto i = as_i64(x)) path.emplace_back(*i);
+        else return bad(source, "int_key_dicts", "holds a path item that is neither a string nor an integer");
+      }
+      m.int_key_dicts.push_back(std::move(path));
+    }
+  }
+  const json* entries = field(j, "entries");
+  if (entries == nullptr || !entries->is_array()) return bad(source, "the manifest", "has no 'entries' array");
+  for (const json& e : *entries) m.entries.push_back(TRY(parse_entry(e, source)));
+  Status s = validate_manifest(m);
+  if (!s.ok()) {
+    Error e = std::move(s).error();
+    e.message = fmt::format("{}: {}", source, e.message);
+    return e;
+  }
+  return m;
+}
+
+Status validate_manifest(const Manifest& m) {
+  std::unordered_map<std::string, const FileRecord*> files;
+  for (const FileRecord& f : m.files) {
+    if (!is_plain_file_name(f.name)) {
+      return make_error_at(Code::kCorrupt, f.name,
+                           "data file name '{}' is not a plain name inside the checkpoint directory",
+                           f.name);
+    }
+    if (!files.emplace(f.name, &f).second) {
+      return make_error_at(Code::kCorrupt, f.name, "data file '{}' is listed twice", f.name);
+    }
+  }
+  std::unordered_set<std::string> keys;
+  // Byte ranges per file, to catch two chunks claiming the same bytes.
+  std::unordered_map<std::string, std::vector<std::pair<uint64_t, uint64_t>>> ranges;
+  for (const Entry& e : m.entries) {
+    if (!keys.insert(e.key).second) {
+      return make_error_at(Code::kCorrupt, e.key, "key '{}' appears twice", e.key);
+    }
+    if (e.path.empty()) return make_error_at(Code::kCorrupt, e.key, "key '{}' has an empty path", e.key);
+    if (e.kind == Entry::Kind::kValue) {
+      TRY(check_value_json(e.value, e.key));
+      continue;
+    }
+    TRY(validate_tensor(m, e, files));
+    for (const ChunkRecord& c : e.chunks) {
+      if (c.end > c.begin) ranges[c.file].emplace_back(c.begin, c.end);
+    }
+  }
+  for (auto& [file, rs] : ranges) {
+    std::sort(rs.begin(), rs.end());
+    for (size_t i = 1; i < rs.size(); ++i) {
+      if (rs[i].first < rs[i - 1].second) {
+        return make_error_at(Code::kCorrupt, file, "two chunks share bytes of data file '{}'", file);
+      }
+    }
+  }
+  return ok();
+}
+
+}  // namespace dsd::checkpoint

@@ -1,0 +1,46 @@
+// Saving a state dict as a dsd checkpoint (DESIGN.md "Checkpoint format (v1)").
+//
+// Collective when the communicator has more than one rank: every rank calls save() with its
+// own state dict (its shards of distributed tensors, and whatever it holds of the rest) and
+// the same path; an error on any rank fails the call on every rank.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/base/result.h"
+#include "core/checkpoint/manifest.h"
+#include "core/dist/comm.h"
+#include "core/statedict/value.h"
+
+namespace dsd::checkpoint {
+
+struct SaveOptions {
+  // Replace an existing checkpoint at the path. Its files are removed only after the new
+  // manifest is committed, so a failed save leaves it intact. Without it: kExists.
+  bool overwrite = false;
+  // Writer threads per rank, each writing its own data file; 0 picks min(4, cores).
+  int thread_count = 0;
+  // DCP's dedup_save_to_lowest_rank.
+  bool save_to_lowest_rank = false;
+  // Bytes per checksummed block (a power of two >= 4 KiB).
+  uint64_t block_size = kDefaultBlockSize;
+  // fsync every data file before the commit (turn off only for throwaway checkpoints).
+  bool sync_files = true;
+};
+
+struct SaveInfo {
+  std::string save_id;
+  uint64_t bytes_written = 0;  // by this rank, data files only
+  int files_written = 0;       // by this rank
+};
+
+// Saves `state_dict` to the directory `path` (created if needed). Tensors may live on CPU or
+// CUDA (copied through a bounded host buffer); non-tensor leaves go into the manifest.
+// Errors: kExists (a checkpoint is there and !overwrite), kNoSpace (disk full or file size
+// limit), kIo, kInvalidArgument (plans that do not validate), kUnsupported (a tensor inside a
+// tuple leaf), kComm.
+Result<SaveInfo> save(Communicator& comm, const Dict& state_dict, const std::string& path,
+                      const SaveOptions& options = {});
+
+}  // namespace dsd::checkpoint

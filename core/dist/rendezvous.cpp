@@ -83,6 +83,10 @@ Status read_master(const EnvLookup& env, LaunchEnv& out, std::optional<std::stri
     return make_error(Code::kInvalidArgument, "MASTER_ADDR is not set ({} needs the host of rank 0)",
                       out.launcher);
   }
+  if (!env("MASTER_PORT") && !default_port) {
+    return make_error(Code::kInvalidArgument,
+                      "MASTER_PORT is not set ({} needs the port of rank 0's store)", out.launcher);
+  }
   const int64_t port = TRY(int_var(env, "MASTER_PORT", out.launcher, default_port));
   if (port < 1 || port > 65535) {
     return make_error(Code::kInvalidArgument, "MASTER_PORT={} is not a TCP port (1-65535)", port);

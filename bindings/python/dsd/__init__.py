@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
                       NotFoundError, ShapeMismatchError)
+from ._dist import Communicator, DeviceMesh, Layout, from_dtensor, to_dtensor
 from ._lib import ffi, lib, library_path
 from ._state_dict import StateDict
 from ._tensor import Tensor
@@ -24,7 +25,7 @@ def version() -> str:
 __version__ = version()
 
 __all__ = [
-    "DtypeMismatchError", "Error", "HandleError", "InvalidArgumentError", "NotFoundError",
-    "ShapeMismatchError", "StateDict", "Tensor", "abi_version", "ffi", "lib", "library_path",
-    "version",
+    "Communicator", "DeviceMesh", "DtypeMismatchError", "Error", "HandleError",
+    "InvalidArgumentError", "Layout", "NotFoundError", "ShapeMismatchError", "StateDict", "Tensor",
+    "abi_version", "ffi", "lib", "library_path", "from_dtensor", "to_dtensor", "version",
 ]

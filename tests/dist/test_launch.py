@@ -133,6 +133,13 @@ def test_file_store_rendezvous(tmp_path):
     assert p.stdout.count("file_store ok") == 3
 
 
+@pytest.mark.parametrize("order", ["dsd_first", "torch_first"])
+def test_dsd_and_torch_distributed_share_the_store(order):
+    p = dsdrun(2, sys.executable, os.path.join(HERE, "shared_store.py"), order, timeout=120)
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert p.stdout.count(f"shared store ok ({order})") == 2
+
+
 # --- other launchers -------------------------------------------------------------------------
 
 def test_torchrun_launches_the_collectives():

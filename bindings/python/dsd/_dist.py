@@ -11,7 +11,7 @@ import datetime
 import weakref
 
 from . import _tensor
-from ._errors import call
+from ._errors import HandleError, call
 from ._lib import ffi, lib
 from ._tensor import Tensor
 
@@ -207,8 +207,7 @@ class Layout:
     @property
     def bits(self) -> int:
         if self._bits == 0:
-            from ._errors import Error
-            raise Error(lib.DSD_E_STALE_HANDLE, "layout handle was released")
+            raise HandleError(lib.DSD_E_STALE_HANDLE, "layout handle was released")
         return self._bits
 
     @property

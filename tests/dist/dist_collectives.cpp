@@ -353,6 +353,9 @@ int peer_hang() {
   dsd::Status s = c.all_reduce(x, dsd::ReduceOp::kSum);
   expect_comm_failure(s, "all_reduce", t0);
   CHECK(!s.ok() && s.error().code == dsd::Code::kTimeout);
+  // The waiting ranks time out at about the same moment; one that exited at once would turn
+  // a slightly later one's timeout into a closed connection.
+  std::this_thread::sleep_for(std::chrono::seconds(2));
   return 0;
 }
 

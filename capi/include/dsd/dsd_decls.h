@@ -476,7 +476,7 @@ typedef int32_t dsd_placement_kind;
 /* One mesh dimension's placement: Replicate(), or Shard(dim) of the tensor dimension `dim`
  * (ignored for Replicate). */
 typedef struct dsd_placement {
-  int32_t kind; /* DSD_PLACEMENT_* */
+  dsd_placement_kind kind; /* DSD_PLACEMENT_* */
   int32_t dim;
 } dsd_placement;
 

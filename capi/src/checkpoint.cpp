@@ -5,6 +5,7 @@
 #include <memory>
 #include <mutex>
 
+#include "capi/src/dists.h"
 #include "capi/src/guard.h"
 #include "core/base/format.h"
 #include "capi/src/state_dicts.h"
@@ -65,9 +66,7 @@ Result<checkpoint::LoadOptions> load_options(const dsd_load_options* o) {
 
 // The communicator behind `comm`: the single-process one for NULL.
 Result<std::shared_ptr<Communicator>> communicator(dsd_comm* comm) {
-  if (comm != nullptr) {
-    return make_error(Code::kUnsupported, "communicators are not wired into checkpoints yet; pass comm = NULL");
-  }
+  if (comm != nullptr) return comm->comm;
   static std::shared_ptr<Communicator> local = make_local_communicator();
   return local;
 }
@@ -81,6 +80,14 @@ checkpoint::AsyncCheckpointer& local_saver() {
 std::mutex& local_saver_mutex() {
   static std::mutex mu;
   return mu;
+}
+
+// The async checkpointer of a communicator (the process-wide one for NULL). A communicator's
+// is created on its first async save, by every rank.
+checkpoint::AsyncCheckpointer& saver_for(dsd_comm* comm) {
+  if (comm == nullptr) return local_saver();
+  if (comm->async == nullptr) comm->async = std::make_shared<checkpoint::AsyncCheckpointer>(comm->comm);
+  return *comm->async;
 }
 
 Result<const std::vector<std::string>*> report_list(const dsd_load_report* r, dsd_load_report_list list) {
@@ -133,9 +140,8 @@ dsd_status dsd_save_async(dsd_comm* comm, const dsd_state_dict* sd, const char* 
     TRY(require(path, "path"));
     TRY(require(out, "out"));
     auto opts = TRY(dsd::capi::save_options(options));
-    TRY(dsd::capi::communicator(comm));
     std::lock_guard<std::mutex> lock(dsd::capi::local_saver_mutex());
-    auto f = TRY(dsd::capi::local_saver().save_async(*d, path, opts));
+    auto f = TRY(dsd::capi::saver_for(comm).save_async(*d, path, opts));
     *out = new dsd_future{std::move(f)};
     return dsd::ok();
   });

@@ -6,7 +6,7 @@
 #include <memory>
 #include <vector>
 
-#include "capi/src/comms.h"
+#include "capi/src/dists.h"
 #include "capi/src/guard.h"
 #include "capi/src/state_dicts.h"
 #include "capi/src/tensors.h"
@@ -120,7 +120,7 @@ void dsd_options_init(dsd_options* options) {
 dsd_status dsd_model_new(dsd_comm* comm, const char* class_name, dsd_model** out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
-    std::shared_ptr<dsd::Communicator> c = comm != nullptr ? dsd::capi::communicator_of(comm) : nullptr;
+    std::shared_ptr<dsd::Communicator> c = comm != nullptr ? comm->comm : nullptr;
     *out = new dsd_model{dsd::Model(std::move(c), class_name != nullptr ? class_name : "Model")};
     return dsd::ok();
   });

@@ -1,11 +1,18 @@
 // Communicator: the collectives dsd needs, over libtorch's c10d process groups (Gloo on CPU,
 // NCCL on GPU) or over a caller-owned ncclComm_t.
 //
+// Made by communicator_from_env() / communicator_from_file_store() (core/dist/rendezvous.h,
+// Gloo) or make_nccl_communicator() (core/dist/nccl_comm.h); make_local_communicator() below
+// is a world of one.
+//
 // Every collective is called by all ranks in the same order. A failure (a dead peer, a
-// timeout) is returned as an Error (kComm or kTimeout) on every rank that notices it; ranks
-// that do not notice it directly learn of it at the next agree(). Communicators are shared
-// (std::shared_ptr) by meshes, layouts and state dicts; one communicator is used by one thread
-// at a time.
+// timeout) is returned as an Error (kComm or kTimeout) naming the collective, the rank and
+// the cause, on every rank that waits for the peer, within timeout(); after it the
+// communicator is broken and every later collective returns that first error. Argument
+// errors (a bad root, a size mismatch, an unsupported dtype) are detected locally, touch no
+// peer and do not break it. Communicators are shared (std::shared_ptr) by meshes, layouts and
+// state dicts; one communicator is used by one thread at a time (clone() one for another
+// thread).
 #pragma once
 
 #include <ATen/core/Tensor.h>

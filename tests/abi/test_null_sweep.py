@@ -21,7 +21,7 @@ lib = ffi.dlopen(os.environ["DSD_LIBRARY"])
 # Arguments NULL may stand for, by function (or "*" for all): documented as optional.
 OPTIONAL = {
     "*": {"err", "user_data", "release", "why", "strides", "is_tuple", "options", "keys_out"},
-    "dsd_model_new": {"comm", "class_name"},
+        "dsd_model_new": {"comm", "class_name"},
     "dsd_model_canonical_fqn": {"len_out"},
     "dsd_optim_set_param_state": {"state"},
     # Checkpoints: comm NULL is a single process, options NULL the defaults, out NULL no report.
@@ -31,6 +31,12 @@ OPTIONAL = {
     "dsd_checkpoint_manager_save": {"comm", "options"},
     "dsd_checkpoint_manager_save_async": {"comm", "options"},
     "dsd_checkpoint_manager_load_latest": {"comm", "options"},
+    # Communicator options default when NULL; NULL is the default CUDA stream; a mesh's
+    # ranks default to 0, 1, 2, ...
+    "dsd_comm_new_from_env": {"options"},
+    "dsd_comm_new_file_store": {"options"},
+    "dsd_comm_new_nccl": {"options", "cuda_stream"},
+    "dsd_mesh_new": {"ranks"},
 }
 
 
@@ -93,6 +99,31 @@ class Factory:
         keys = ffi.gc(out[0], lib.dsd_incompatible_keys_free)
         self.keep.append(keys)
         return keys
+    def comm(self):
+        out = ffi.new("dsd_comm**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_comm_new_local(out, err), err)
+        comm = ffi.gc(out[0], lib.dsd_comm_free)
+        self.keep.append(comm)
+        return comm
+
+    def mesh(self):
+        out = ffi.new("dsd_mesh**")
+        err = ffi.new("dsd_error**")
+        shape = ffi.new("int64_t[1]", [1])
+        _ok(lib.dsd_mesh_new(self.comm(), shape, 1, ffi.NULL, lib.DSD_DEVICE_CPU, out, err), err)
+        mesh = ffi.gc(out[0], lib.dsd_mesh_free)
+        self.keep.append(mesh)
+        return mesh
+
+    def layout(self):
+        """Shard(0) of a [4] tensor on a one-rank mesh: the local chunk matches self.tensor."""
+        out = ffi.new("dsd_layout*")
+        err = ffi.new("dsd_error**")
+        shape = ffi.new("int64_t[1]", [4])
+        placement = ffi.new("dsd_placement[1]", [{"kind": lib.DSD_PLACEMENT_SHARD, "dim": 0}])
+        _ok(lib.dsd_layout_new_placements(self.mesh(), shape, 1, placement, 1, out, err), err)
+        return out[0]
 
     def dlpack(self, versioned):
         cap = torch.arange(4.0).__dlpack__(max_version=(1, 0)) if versioned else torch.arange(4.0).__dlpack__()
@@ -143,8 +174,6 @@ class Factory:
         return ffi.gc(out[0], lib.dsd_checkpoint_manager_free)
 
     def value(self, name, ctype):
-        if ctype == "dsd_comm*":
-            return ffi.NULL  # a single process; communicators are optional here
         if ctype in ("const dsd_save_options*", "const dsd_load_options*"):
             o = ffi.new(ctype.replace("const ", ""))
             (lib.dsd_save_options_init if "save" in ctype else lib.dsd_load_options_init)(o)
@@ -178,6 +207,20 @@ class Factory:
             o = ffi.new("dsd_options*")
             lib.dsd_options_init(o)
             return o
+        if ctype in ("dsd_comm*", "const dsd_comm*"):
+            return self.comm()
+        if ctype in ("dsd_mesh*", "const dsd_mesh*"):
+            return self.mesh()
+        if ctype == "const dsd_comm_options*":
+            o = ffi.new("dsd_comm_options*")
+            lib.dsd_comm_options_init(o)
+            return o
+        if ctype == "const dsd_placement*":
+            p = ffi.new("dsd_placement[1]", [{"kind": lib.DSD_PLACEMENT_SHARD, "dim": 0}])
+            self.keep.append(p)
+            return p
+        if ctype == "dsd_placement*":
+            return ffi.new("dsd_placement[8]")
         if ctype == "struct DLManagedTensorVersioned*":
             return self.dlpack(True)
         if ctype == "struct DLManagedTensor*":
@@ -202,6 +245,8 @@ class Factory:
             return ffi.new(ctype.replace("const ", ""))
         if ctype == "dsd_tensor":
             return self.tensor
+        if ctype == "dsd_layout":
+            return self.layout()
         if ctype == "dsd_device":
             return {"type": 1, "index": 0}
         if ctype == "dsd_dtype":
@@ -209,7 +254,8 @@ class Factory:
         if ctype == "dsd_wrapper_kind":
             return lib.DSD_WRAPPER_DDP
         if ctype in ("size_t", "int32_t", "int64_t", "uint32_t", "uint64_t"):
-            return {"capacity": 8, "why_capacity": 64, "len": 3, "ndim": 1}.get(name, 0 if name == "index" else 1)
+            return {"capacity": 8, "why_capacity": 64, "len": 3, "ndim": 1, "rank": 0,
+                    "device_type": lib.DSD_DEVICE_CPU}.get(name, 0 if name == "index" else 1)
         if ctype == "bool":
             return False
         if ctype == "double":

@@ -9,6 +9,7 @@ from ._checkpoint import (CheckpointManager, LoadReport, SaveFuture, async_save,
                           save, verify)
 from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
                       NotFoundError, ShapeMismatchError, UnsupportedError)
+from ._dist import Communicator, DeviceMesh, Layout, from_dtensor, to_dtensor
 from ._lib import ffi, lib, library_path
 from ._state_dict import StateDict
 from ._statedict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -29,11 +30,11 @@ def version() -> str:
 __version__ = version()
 
 __all__ = [
-    "CheckpointManager", "LoadReport", "SaveFuture", "async_save", "load", "load_full", "save",
-    "verify",
-    "DtypeMismatchError", "Error", "HandleError", "InvalidArgumentError", "NotFoundError",
+    "CheckpointManager", "Communicator", "DeviceMesh", "DtypeMismatchError", "Error",
+    "HandleError", "InvalidArgumentError", "Layout", "LoadReport", "NotFoundError", "SaveFuture",
     "ShapeMismatchError", "StateDict", "StateDictOptions", "Tensor", "UnsupportedError",
-    "abi_version", "ffi", "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict",
-    "lib", "library_path", "optim_state_dict_to_fqn", "optim_state_dict_to_positional",
-    "set_model_state_dict", "set_optimizer_state_dict", "set_state_dict", "version",
+    "abi_version", "async_save", "ffi", "from_dtensor", "get_model_state_dict",
+    "get_optimizer_state_dict", "get_state_dict", "lib", "library_path", "load", "load_full",
+    "optim_state_dict_to_fqn", "optim_state_dict_to_positional", "save", "set_model_state_dict",
+    "set_optimizer_state_dict", "set_state_dict", "to_dtensor", "verify", "version",
 ]

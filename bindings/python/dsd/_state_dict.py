@@ -1,10 +1,13 @@
-"""Python dicts and lists <-> dsd state dicts (dsd_state_dict trees)."""
+"""Python dicts and lists <-> dsd state dicts (dsd_state_dict trees).
+
+DTensor leaves cross as distributed tensors (local tensor + layout, see _dist.py); the
+meshes they use are converted once per call."""
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
 
-from . import _tensor
+from . import _dist, _tensor
 from ._errors import call
 from ._lib import ffi, lib
 
@@ -28,11 +31,16 @@ class StateDict:
         return cls(out[0])
 
     @classmethod
-    def from_python(cls, obj: Mapping) -> "StateDict":
-        return cls(to_dsd(obj))
+    def from_python(cls, obj: Mapping, comm: "_dist.Communicator | None" = None) -> "StateDict":
+        """A state dict with the structure of `obj`, sharing its tensors. DTensor leaves become
+        distributed tensors on dsd meshes over `comm` (needed only when there are DTensors)."""
+        return cls(to_dsd(obj, ctx=_dist.MeshCache(comm)))
 
-    def to_python(self):
-        return to_python(self._ptr)
+    def to_python(self, meshes=()):
+        """Python containers; distributed tensors come back as DTensors on the torch meshes
+        they came from (or on one of `meshes`, torch DeviceMeshes matched by device type,
+        shape and ranks)."""
+        return to_python(self._ptr, _dist.MeshCache(None, meshes))
 
     def __len__(self) -> int:
         out = ffi.new("size_t*")
@@ -50,7 +58,7 @@ def _is_tensor(v) -> bool:
     return hasattr(v, "__dlpack__") and hasattr(v, "__dlpack_device__")
 
 
-def _put(sd, key, value, path: str) -> None:
+def _put(sd, key, value, path: str, ctx) -> None:
     k = ffi.NULL if key is None else key
     if value is None:
         call(lib.dsd_state_dict_set_none, sd, k)
@@ -71,6 +79,14 @@ def _put(sd, key, value, path: str) -> None:
     elif isinstance(value, io.BytesIO):
         data = value.getvalue()
         call(lib.dsd_state_dict_set_bytes, sd, k, data, len(data))
+    elif _dist.is_dtensor(value):
+        local, layout = _dist.from_dtensor(value, cache=ctx, path=path)
+        try:
+            call(lib.dsd_state_dict_set_dist_tensor, sd, k, ffi.new("dsd_tensor*", {"bits": local.bits})[0],
+                 layout.handle)
+        finally:
+            local.release()
+            layout.release()
     elif _is_tensor(value):
         bits = _tensor.handle_from_tensor(value)
         try:
@@ -78,7 +94,7 @@ def _put(sd, key, value, path: str) -> None:
         finally:
             _tensor.release(bits)
     elif isinstance(value, (Mapping, list, tuple)):
-        child = to_dsd(value, path)
+        child = to_dsd(value, path, ctx)
         try:
             call(lib.dsd_state_dict_set_child, sd, k, child)
         finally:
@@ -87,9 +103,11 @@ def _put(sd, key, value, path: str) -> None:
         raise ValueError(f"Unexpected value type {type(value)} at {path or '<root>'}")
 
 
-def to_dsd(obj, path: str = ""):
+def to_dsd(obj, path: str = "", ctx=None):
     """A new dsd container (caller frees) holding a copy of the structure of `obj`; tensors
-    are shared, not copied."""
+    are shared, not copied. `ctx` (a _dist.MeshCache) converts the meshes of DTensors."""
+    if ctx is None:
+        ctx = _dist.MeshCache()
     out = ffi.new("dsd_state_dict**")
     if isinstance(obj, Mapping):
         call(lib.dsd_state_dict_new, out)
@@ -106,7 +124,7 @@ def to_dsd(obj, path: str = ""):
                     key = k
                 else:
                     raise TypeError(f"{path or '<root>'}: key {k!r} is not a str (or all ints)")
-                _put(sd, key.encode("utf-8"), v, f"{path}.{key}" if path else key)
+                _put(sd, key.encode("utf-8"), v, f"{path}.{key}" if path else key, ctx)
         except BaseException:
             lib.dsd_state_dict_free(sd)
             raise
@@ -116,7 +134,7 @@ def to_dsd(obj, path: str = ""):
         sd = out[0]
         try:
             for i, v in enumerate(obj):
-                _put(sd, None, v, f"{path}.{i}" if path else str(i))
+                _put(sd, None, v, f"{path}.{i}" if path else str(i), ctx)
         except BaseException:
             lib.dsd_state_dict_free(sd)
             raise
@@ -124,7 +142,7 @@ def to_dsd(obj, path: str = ""):
     raise TypeError(f"expected a dict, list or tuple, got {type(obj)}")
 
 
-def _get(sd, i: int, kind: int):
+def _get(sd, i: int, kind: int, ctx):
     if kind == lib.DSD_KIND_NONE:
         return None
     if kind == lib.DSD_KIND_BOOL:
@@ -151,19 +169,31 @@ def _get(sd, i: int, kind: int):
         out = ffi.new("dsd_tensor*")
         call(lib.dsd_state_dict_get_tensor, sd, i, out)
         try:
-            return _tensor.tensor_from_handle(out[0].bits)
+            dist = ffi.new("bool*")
+            call(lib.dsd_state_dict_is_dist_tensor, sd, i, dist)
+            if not dist[0]:
+                return _tensor.tensor_from_handle(out[0].bits)
+            got = ffi.new("dsd_layout*")
+            call(lib.dsd_state_dict_get_layout, sd, i, got)
+            layout = _dist.Layout(got[0].bits)
+            try:
+                return _dist.to_dtensor(out[0].bits, layout, ctx)
+            finally:
+                layout.release()
         finally:
             _tensor.release(out[0].bits)
     out = ffi.new("dsd_state_dict**")
     call(lib.dsd_state_dict_get_child, sd, i, out)
     try:
-        return to_python(out[0])
+        return to_python(out[0], ctx)
     finally:
         lib.dsd_state_dict_free(out[0])
 
 
-def to_python(sd):
+def to_python(sd, ctx=None):
     """A Python dict or list (or tuple) with the structure of a dsd container."""
+    if ctx is None:
+        ctx = _dist.MeshCache()
     kind = ffi.new("dsd_kind*")
     is_tuple = ffi.new("bool*")
     call(lib.dsd_state_dict_container_kind, sd, kind, is_tuple)
@@ -174,7 +204,7 @@ def to_python(sd):
         items = []
         for i in range(n[0]):
             call(lib.dsd_state_dict_kind, sd, i, k)
-            items.append(_get(sd, i, k[0]))
+            items.append(_get(sd, i, k[0], ctx))
         return tuple(items) if is_tuple[0] else items
     int_keyed = ffi.new("bool*")
     call(lib.dsd_state_dict_int_keys, sd, int_keyed)
@@ -184,5 +214,5 @@ def to_python(sd):
         call(lib.dsd_state_dict_key, sd, i, key)
         name = ffi.string(key[0]).decode("utf-8")
         call(lib.dsd_state_dict_kind, sd, i, k)
-        result[int(name) if int_keyed[0] else name] = _get(sd, i, k[0])
+        result[int(name) if int_keyed[0] else name] = _get(sd, i, k[0], ctx)
     return result

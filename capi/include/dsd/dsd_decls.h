@@ -341,6 +341,213 @@ dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b
                                 char* why, size_t why_capacity, dsd_error** err);
 
 /* ============================================================================================
+ * Communicators, device meshes and layouts
+ *
+ * A dsd_comm is how the ranks of a job talk: Gloo process groups (CPU tensors, through
+ * libtorch's c10d) built from the launcher's environment or a file store, or a caller-owned
+ * NCCL communicator. A dsd_mesh arranges the ranks in an N-d array, as PyTorch's DeviceMesh.
+ * A dsd_layout says how a distributed tensor (PyTorch's DTensor) is split: its global shape
+ * and either one placement per mesh dimension (Shard(dim), with torch.chunk semantics so
+ * uneven and empty shards are allowed, or Replicate) or an explicit chunk this rank holds.
+ *
+ * dsd_comm and dsd_mesh are roots (reference-counted inside: a mesh keeps its communicator
+ * alive, a layout its mesh, so each may be freed as soon as the caller is done with it).
+ * Layouts are value handles like dsd_tensor: copy them freely, release each one returned to
+ * you exactly once with dsd_layout_release(); a stale, released or zeroed layout handle, or
+ * a tensor handle passed as a layout, is DSD_E_STALE_HANDLE / DSD_E_WRONG_KIND.
+ *
+ * Collective calls (constructors of communicators, dsd_comm_barrier) are made by every rank,
+ * in the same order. A communicator is used by one thread at a time. A peer that dies or
+ * stops calling makes the collective fail with DSD_E_COMM or DSD_E_TIMEOUT on every rank
+ * that waits for it, within the communicator's timeout: never a hang. After such a failure
+ * the communicator is broken and every later collective fails with the first error.
+ * ========================================================================================== */
+
+typedef struct dsd_comm dsd_comm;
+
+typedef struct dsd_comm_options {
+  uint32_t struct_size; /* sizeof(dsd_comm_options), as dsd_comm_options_init() sets it */
+  uint32_t reserved;    /* 0 */
+  int64_t timeout_ms;   /* how long a rendezvous or a collective may wait for its peers
+                         * before failing with DSD_E_TIMEOUT; default 1800000 (30 min, as
+                         * PyTorch's Gloo) */
+} dsd_comm_options;
+
+/* Fills `options` with the defaults and its struct_size. NULL is a no-op. Later versions of
+ * this struct only grow: a library reading a larger struct_size than it knows accepts it if
+ * the unknown tail is all zero bytes, and refuses it (DSD_E_UNSUPPORTED) otherwise. */
+void dsd_comm_options_init(dsd_comm_options* options);
+
+/* A Gloo communicator from the launcher's environment. Collective over the launch. `options`
+ * may be NULL (defaults). Read, first match wins:
+ *   torchrun, dsdrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (rank 0 hosts the
+ *     store, or torchrun's agent does when TORCHELASTIC_USE_AGENT_STORE=True);
+ *   mpirun (OpenMPI): OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK,
+ *     MASTER_ADDR (default 127.0.0.1), MASTER_PORT (default 29500);
+ *   srun (Slurm): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, MASTER_ADDR (default: first host
+ *     of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST), MASTER_PORT (default 15000 +
+ *     SLURM_JOB_ID % 10000).
+ * The store is a multi-tenant c10d TCPStore shared with torch.distributed in the same
+ * process; dsd's keys live under "dsd/". Free with dsd_comm_free().
+ * Returns DSD_E_INVALID_ARGUMENT (a variable missing or malformed, named in the message; bad
+ * options), DSD_E_TIMEOUT (a rank or the store did not come within the timeout; the message
+ * names the missing ranks), DSD_E_COMM (the store could not be hosted or reached, connections
+ * failed), DSD_E_UNSUPPORTED (a build without Gloo). */
+dsd_status dsd_comm_new_from_env(const dsd_comm_options* options, dsd_comm** out, dsd_error** err);
+
+/* A Gloo communicator whose rendezvous goes through the file `path` (every rank passes the
+ * same path, on a file system they share; the file must not hold keys of an earlier run).
+ * Collective. Errors as dsd_comm_new_from_env(), and DSD_E_INVALID_ARGUMENT when `rank` is
+ * not in [0, size). */
+dsd_status dsd_comm_new_file_store(const char* path, int32_t rank, int32_t size,
+                                   const dsd_comm_options* options, dsd_comm** out,
+                                   dsd_error** err);
+
+/* A communicator over a caller-owned NCCL communicator (`nccl_comm`, an ncclComm_t) and CUDA
+ * stream (`cuda_stream`, a cudaStream_t; NULL is the default stream). Borrows both: they must
+ * outlive the dsd_comm and everything that refers to it (meshes, layouts, state dicts), and
+ * the caller runs nothing else on them concurrently. `rank` and `size` must be the NCCL
+ * communicator's own. Tensors given to its collectives must be contiguous CUDA tensors on the
+ * communicator's device. After a DSD_E_TIMEOUT the NCCL communicator itself may be stuck:
+ * the caller should ncclCommAbort() it. Not collective (the NCCL communicator exists).
+ * Returns DSD_E_UNSUPPORTED in a build without NCCL, DSD_E_INVALID_ARGUMENT for a rank or
+ * size that disagrees with the NCCL communicator, DSD_E_COMM when NCCL cannot be queried. */
+dsd_status dsd_comm_new_nccl(void* nccl_comm, void* cuda_stream, int32_t rank, int32_t size,
+                             const dsd_comm_options* options, dsd_comm** out, dsd_error** err);
+
+/* A communicator of a single rank (rank 0 of 1): every collective is local. For single-process
+ * programs and tests. */
+dsd_status dsd_comm_new_local(dsd_comm** out, dsd_error** err);
+
+/* Drops this reference; the communicator lives on while meshes, layouts or state dicts refer
+ * to it. Not collective. NULL is a no-op. */
+void dsd_comm_free(dsd_comm* comm);
+
+/* This process's rank, and the number of ranks. */
+dsd_status dsd_comm_rank(const dsd_comm* comm, int32_t* out, dsd_error** err);
+dsd_status dsd_comm_size(const dsd_comm* comm, int32_t* out, dsd_error** err);
+
+/* What the communicator runs over: "gloo", "nccl" or "local". Borrowed from `comm`, valid
+ * until it is freed. */
+dsd_status dsd_comm_backend(const dsd_comm* comm, const char** out, dsd_error** err);
+
+/* Returns once every rank has called it. Collective. Returns DSD_E_COMM or DSD_E_TIMEOUT when
+ * a peer died or did not come within the timeout (the message names this rank and the
+ * cause). */
+dsd_status dsd_comm_barrier(dsd_comm* comm, dsd_error** err);
+
+typedef struct dsd_mesh dsd_mesh;
+
+/* A device mesh of `ndim` dimensions of sizes `shape`, over the ranks of `comm`. `ranks`
+ * lists the global rank at each position in row-major order (shape[0] * ... entries), as
+ * PyTorch's `DeviceMesh.mesh.flatten()`; NULL means 0, 1, 2, ... A rank may create a mesh it
+ * is not part of. `device_type` is DSD_DEVICE_CPU or DSD_DEVICE_CUDA: the device type of the
+ * mesh's tensors, as DeviceMesh's device_type. Keeps a reference to `comm`. Not collective.
+ * Free with dsd_mesh_free(). Returns DSD_E_INVALID_ARGUMENT (ndim 0, a non-positive size, a
+ * rank outside the world or listed twice, a rank count that differs from the shape's
+ * product, an unknown device type). */
+dsd_status dsd_mesh_new(dsd_comm* comm, const int64_t* shape, size_t ndim, const int64_t* ranks,
+                        int32_t device_type, dsd_mesh** out, dsd_error** err);
+
+/* Drops this reference. NULL is a no-op. */
+void dsd_mesh_free(dsd_mesh* mesh);
+
+/* The number of dimensions; the sizes (`capacity` >= ndim); the ranks in row-major order
+ * (`capacity` >= the product of the sizes); the device type. DSD_E_BUFFER_TOO_SMALL when
+ * the capacity is short. */
+dsd_status dsd_mesh_ndim(const dsd_mesh* mesh, size_t* out, dsd_error** err);
+dsd_status dsd_mesh_shape(const dsd_mesh* mesh, int64_t* out, size_t capacity, dsd_error** err);
+dsd_status dsd_mesh_ranks(const dsd_mesh* mesh, int64_t* out, size_t capacity, dsd_error** err);
+dsd_status dsd_mesh_device_type(const dsd_mesh* mesh, int32_t* out, dsd_error** err);
+
+/* Whether this process is part of the mesh (*in_mesh) and, if so, its coordinate in
+ * `out[0..ndim)` (left alone otherwise). */
+dsd_status dsd_mesh_coordinate(const dsd_mesh* mesh, int64_t* out, size_t capacity, bool* in_mesh,
+                               dsd_error** err);
+
+typedef struct dsd_layout {
+  uint64_t bits; /* slot, generation and kind; 0 is never a valid handle */
+} dsd_layout;
+
+typedef int32_t dsd_placement_kind;
+#define DSD_PLACEMENT_REPLICATE 0
+#define DSD_PLACEMENT_SHARD 1
+
+/* One mesh dimension's placement: Replicate(), or Shard(dim) of the tensor dimension `dim`
+ * (ignored for Replicate). */
+typedef struct dsd_placement {
+  dsd_placement_kind kind; /* DSD_PLACEMENT_* */
+  int32_t dim;
+} dsd_placement;
+
+/* A layout of a tensor of global shape `global_shape[0..ndim)` with `placements[0..n)`, one
+ * per mesh dimension, applied left to right as PyTorch does (two Shard on one tensor dimension
+ * split it twice). `global_shape` may be NULL when ndim is 0. Release with
+ * dsd_layout_release(). Returns DSD_E_INVALID_ARGUMENT (n differs from the mesh's ndim, an
+ * unknown kind, a Shard dim outside the tensor), DSD_E_SHAPE_MISMATCH (a negative size). */
+dsd_status dsd_layout_new_placements(const dsd_mesh* mesh, const int64_t* global_shape, size_t ndim,
+                                     const dsd_placement* placements, size_t n, dsd_layout* out,
+                                     dsd_error** err);
+
+/* A layout for custom sharding: this rank holds the box `offsets[0..ndim)`, `sizes[0..ndim)`
+ * of the global tensor; other ranks pass their own box. `mesh` names the ranks that hold
+ * pieces. Returns DSD_E_INVALID_ARGUMENT, DSD_E_SHAPE_MISMATCH (the box leaves the global
+ * shape, or a negative size). */
+dsd_status dsd_layout_new_chunk(const dsd_mesh* mesh, const int64_t* global_shape, size_t ndim,
+                                const int64_t* offsets, const int64_t* sizes, dsd_layout* out,
+                                dsd_error** err);
+
+/* Releases a handle; the layout lives on while a state dict refers to it. Returns
+ * DSD_E_STALE_HANDLE for a released or zeroed handle, DSD_E_WRONG_KIND for a handle that is
+ * not a layout's. */
+dsd_status dsd_layout_release(dsd_layout layout, dsd_error** err);
+
+/* A new handle to the same layout, released separately. */
+dsd_status dsd_layout_retain(dsd_layout layout, dsd_layout* out, dsd_error** err);
+
+/* The tensor's number of dimensions, and its global shape (`capacity` >= ndim, else
+ * DSD_E_BUFFER_TOO_SMALL). */
+dsd_status dsd_layout_ndim(dsd_layout layout, size_t* out, dsd_error** err);
+dsd_status dsd_layout_global_shape(dsd_layout layout, int64_t* out, size_t capacity,
+                                   dsd_error** err);
+
+/* The box this rank holds: `offsets_out` and `sizes_out` each receive ndim values (`capacity`
+ * >= ndim). Equal to PyTorch's compute_local_shape_and_global_offset, except for a rank that
+ * is not part of the mesh: it holds nothing, and gets all sizes and offsets 0. */
+dsd_status dsd_layout_local_chunk(dsd_layout layout, int64_t* offsets_out, int64_t* sizes_out,
+                                  size_t capacity, dsd_error** err);
+
+/* Whether the layout is an explicit chunk (dsd_layout_new_chunk) rather than placements. */
+dsd_status dsd_layout_is_chunk(dsd_layout layout, bool* out, dsd_error** err);
+
+/* The placements, one per mesh dimension (`capacity` >= the mesh's ndim). DSD_E_WRONG_KIND
+ * for an explicit-chunk layout. */
+dsd_status dsd_layout_placements(dsd_layout layout, dsd_placement* out, size_t capacity,
+                                 dsd_error** err);
+
+/* The layout's mesh: a new reference, freed with dsd_mesh_free(). */
+dsd_status dsd_layout_mesh(dsd_layout layout, dsd_mesh** out, dsd_error** err);
+
+/* Distributed tensors in state dicts (the state-dict functions above see them as tensors of
+ * kind DSD_KIND_TENSOR whose handle is this rank's local tensor).
+ *
+ * set_dist_tensor stores this rank's `local` tensor with its `layout` under `key` (as
+ * dsd_state_dict_set_tensor: NULL key appends to a list); the state dict keeps its own
+ * references, the caller still releases both handles. The local tensor's shape must equal
+ * the layout's local chunk sizes (a rank outside the mesh passes a tensor with no elements):
+ * DSD_E_SHAPE_MISMATCH otherwise, naming the key and both shapes.
+ * get_layout gives a new handle to the layout of the value at `index`, which the caller
+ * releases; DSD_E_WRONG_KIND when the value is a plain tensor or not a tensor.
+ * is_dist_tensor tells whether the value at `index` is a distributed tensor (false for plain
+ * tensors and non-tensors). */
+dsd_status dsd_state_dict_set_dist_tensor(dsd_state_dict* sd, const char* key, dsd_tensor local,
+                                          dsd_layout layout, dsd_error** err);
+dsd_status dsd_state_dict_get_layout(const dsd_state_dict* sd, size_t index, dsd_layout* out,
+                                     dsd_error** err);
+dsd_status dsd_state_dict_is_dist_tensor(const dsd_state_dict* sd, size_t index, bool* out,
+                                         dsd_error** err);
+
+/* ============================================================================================
  * Models, optimizers and the state-dict functions
  *
  * The semantics of torch.distributed.checkpoint.state_dict. A trainer registers its model
@@ -352,7 +559,6 @@ dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b
  * communicator of more than one rank these functions are collective.
  * ========================================================================================== */
 
-typedef struct dsd_comm dsd_comm;
 typedef struct dsd_model dsd_model;
 typedef struct dsd_optim dsd_optim;
 typedef struct dsd_incompatible_keys dsd_incompatible_keys;
@@ -529,8 +735,9 @@ dsd_status dsd_optim_state_dict_to_positional(const dsd_state_dict* fqn_form, co
  * checkpoint.json, written last and atomically: without it the directory is not a
  * checkpoint. Every byte is covered by XXH3-64 checksums that loads verify. No pickle.
  *
- * Communicators: `comm` NULL means a single process (world size 1). Until the communicator
- * section lands, a non-NULL `comm` is DSD_E_UNSUPPORTED.
+ * Communicators: `comm` NULL means a single process (world size 1). Async saves over a
+ * communicator use a background thread and a clone of the communicator, made on the first
+ * dsd_save_async with it and kept until dsd_comm_free() (which waits for a save in flight).
  * Collective functions (those with `comm`) are called by every rank in the same order; an
  * error on one rank is returned on every rank.
  * ========================================================================================== */

@@ -173,7 +173,12 @@ Result<StorageMetadata> get_storage_metadata(const PickleValue& v, const std::st
   for (const PickleValue& c : chunks->if_list()->items) {
     const std::string cw = where + ".chunks";
     const PickleDict& cd = *TRY(fields(*TRY(instance(c, kMetadataModule, "ChunkStorageMetadata", cw)), cw));
-    md.chunks.push_back({TRY(get_size(cd.find("offsets"), cw + ".offsets")), TRY(get_size(cd.find("sizes"), cw + ".sizes"))});
+    // TRY leaves through a return; keep it out of braced initialisers, whose finished parts
+    // would not be destroyed.
+    ChunkStorageMetadata chunk;
+    chunk.offsets = TRY(get_size(cd.find("offsets"), cw + ".offsets"));
+    chunk.sizes = TRY(get_size(cd.find("sizes"), cw + ".sizes"));
+    md.chunks.push_back(std::move(chunk));
   }
   return StorageMetadata(std::move(md));
 }
@@ -453,7 +458,8 @@ Result<Metadata> metadata_from_pickle(const PickleValue& root) {
   m.state_dict_metadata.reserve(sd->if_dict()->items.size());
   for (const auto& [k, v] : sd->if_dict()->items) {
     const std::string fqn = TRY(get_str(&k, "state_dict_metadata key"));
-    m.state_dict_metadata.emplace_back(fqn, TRY(get_storage_metadata(v, fmt::format("state_dict_metadata['{}']", fqn))));
+    StorageMetadata md = TRY(get_storage_metadata(v, fmt::format("state_dict_metadata['{}']", fqn)));
+    m.state_dict_metadata.emplace_back(fqn, std::move(md));
   }
   m.planner_data = get_planner_data(d.find("planner_data"));
   if (const PickleValue* storage = d.find("storage_data"); storage != nullptr && !storage->is_none()) {
@@ -462,7 +468,8 @@ Result<Metadata> metadata_from_pickle(const PickleValue& root) {
     for (const auto& [k, v] : storage->if_dict()->items) {
       MetadataIndex index = TRY(get_index(k, "storage_data key"));
       const std::string where = fmt::format("storage_data['{}']", index.fqn);
-      m.storage_data.emplace_back(std::move(index), TRY(get_storage_info(v, where)));
+      StorageInfo info = TRY(get_storage_info(v, where));
+      m.storage_data.emplace_back(std::move(index), std::move(info));
     }
   }
   m.storage_meta = TRY(get_storage_meta(d.find("storage_meta")));

@@ -75,7 +75,8 @@ class Saver {
       } else {
         k = PickleValue::str(key);
       }
-      items.emplace_back(std::move(k), TRY(value(v, false, join(where, key))));
+      PickleValue item = TRY(value(v, false, join(where, key)));
+      items.emplace_back(std::move(k), std::move(item));
     }
     if (!(top && options_.ordered_dict)) return PickleValue::dict(std::move(items));
     auto od = std::make_shared<PickleObject>();

@@ -49,7 +49,8 @@ Result<Value> read_bytes_item(const std::string& path, const StorageInfo& info) 
   return torch_load(TRY(item_range(path, info)));
 }
 
-Result<uint64_t> write_tensor_chunk(const at::Tensor& tensor, const ByteSink& sink) {
+Result<uint64_t> write_tensor_chunk(const at::Tensor& tensor, const ByteSink& sink,
+                                    const TorchSaveOptions& options) {
   if (!tensor.defined()) return make_error(Code::kInvalidArgument, "the tensor chunk is undefined");
   // An archive that holds only the chunk: a tensor over exactly its bytes (DCP clones views).
   at::Tensor t = tensor.detach();
@@ -61,13 +62,13 @@ Result<uint64_t> write_tensor_chunk(const at::Tensor& tensor, const ByteSink& si
     return at::from_blob(t.data_ptr(), t.sizes(), t.options());
   }));
   uint64_t count = 0;
-  TRY(torch_save(Value(exact), counting(sink, count)));
+  TRY(torch_save(Value(exact), counting(sink, count), options));
   return count;
 }
 
-Result<uint64_t> write_bytes_item(const Value& value, const ByteSink& sink) {
+Result<uint64_t> write_bytes_item(const Value& value, const ByteSink& sink, const TorchSaveOptions& options) {
   uint64_t count = 0;
-  TRY(torch_save(value, counting(sink, count)));
+  TRY(torch_save(value, counting(sink, count), options));
   return count;
 }
 

@@ -40,10 +40,12 @@ Result<Value> read_bytes_item(const std::string& path, const StorageInfo& info);
 // Writes `tensor` as one tensor item: a torch.save archive holding only the tensor's own
 // bytes, as DCP's writer does. A contiguous CPU tensor is written straight from its memory;
 // others are copied (made contiguous, moved to the CPU) first. Returns the item's length.
-Result<uint64_t> write_tensor_chunk(const at::Tensor& tensor, const ByteSink& sink);
+// `options.compute_crc32 = false` saves a pass over the data; torch.load does not check it.
+Result<uint64_t> write_tensor_chunk(const at::Tensor& tensor, const ByteSink& sink,
+                                    const TorchSaveOptions& options = {});
 
 // Writes `value` as a BYTE_IO item (torch.save of it) and returns the item's length.
 // Errors as torch_save.
-Result<uint64_t> write_bytes_item(const Value& value, const ByteSink& sink);
+Result<uint64_t> write_bytes_item(const Value& value, const ByteSink& sink, const TorchSaveOptions& options = {});
 
 }  // namespace dsd::dcp

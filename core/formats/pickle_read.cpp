@@ -209,6 +209,11 @@ bool raw_unicode_escape_decode(std::string_view s, std::string& out) {
   return true;
 }
 
+// `s` quoted for an error message, with anything but printable ASCII escaped: 'ab\xff'.
+std::string shown(std::string_view s) {
+  return pickle_repr(PickleValue::bytes(std::string(s.substr(0, 40)))).substr(1);
+}
+
 // Whether a value can be a dict key or set item (Python would raise TypeError otherwise).
 bool hashable(const PickleValue& v) {
   using K = PickleValue::Kind;
@@ -353,8 +358,7 @@ class Unpickler {
     uint64_t v = 0;
     auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
     if (!is_digits(s) || ec != std::errc() || p != s.data() + s.size()) {
-      return corrupt(fmt::format("memo index '{}' is not a non-negative integer",
-                                 pickle_repr(PickleValue::str(std::string(s.substr(0, 40))))));
+      return corrupt(fmt::format("memo index {} is not a non-negative integer", shown(s)));
     }
     return v;
   }
@@ -366,13 +370,13 @@ class Unpickler {
     std::string_view digits = s;
     if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) digits.remove_prefix(1);
     if (!is_digits(digits)) {
-      return corrupt(fmt::format("'{}' is not a decimal integer", s.substr(0, 40)));
+      return corrupt(fmt::format("{} is not a decimal integer", shown(s)));
     }
     if (s.front() == '+') s.remove_prefix(1);
     auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
     if (ec == std::errc::result_out_of_range) return unsupported("integers beyond int64 are not supported");
     if (ec != std::errc() || p != s.data() + s.size()) {
-      return corrupt(fmt::format("'{}' is not a decimal integer", s.substr(0, 40)));
+      return corrupt(fmt::format("{} is not a decimal integer", shown(s)));
     }
     return v;
   }
@@ -432,7 +436,7 @@ class Unpickler {
       return corrupt("_codecs.encode needs (str, str) arguments");
     }
     if (*enc != "latin1" && *enc != "latin-1" && *enc != "iso-8859-1") {
-      return unsupported(fmt::format("_codecs.encode with encoding '{}' is not supported", enc->substr(0, 40)));
+      return unsupported(fmt::format("_codecs.encode with encoding {} is not supported", shown(*enc)));
     }
     std::string out;
     if (!utf8_to_latin1(*s, out)) return corrupt("_codecs.encode: the text is not Latin-1");
@@ -649,7 +653,7 @@ class Unpickler {
         double d = 0;
         auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), d);
         if (ec != std::errc() || p != s.data() + s.size()) {
-          return corrupt(fmt::format("'{}' is not a float", s.substr(0, 40)));
+          return corrupt(fmt::format("{} is not a float", shown(s)));
         }
         push(PickleValue::floating(d));
         return ok();

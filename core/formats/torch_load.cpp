@@ -195,6 +195,13 @@ Result<OpenArchive> open_archive(const TorchArchive& archive) {
     out.file = range.get();
     out.adapter = std::move(range);
   }
+  // torch.save's pre-1.6 format (_use_new_zipfile_serialization=False) is a sequence of
+  // pickles starting with a protocol-2 magic number, not a zip.
+  char magic[2] = {0, 0};
+  if (out.adapter->read(0, magic, 2, "magic") == 2 && magic[0] == '\x80' && magic[1] == '\x02') {
+    return make_error(Code::kUnsupported, "{} is in torch.save's legacy (pre-1.6, non-zip) format, which dsd "
+                      "does not read; re-save it with a current PyTorch", out.where);
+  }
   out.zip = TRY(out.call("opening the zip", [&] {
     return std::make_unique<PyTorchStreamReader>(out.adapter);
   }));
@@ -203,8 +210,8 @@ Result<OpenArchive> open_archive(const TorchArchive& archive) {
     auto [ptr, size] = TRY(out.call("reading byteorder", [&] { return out.zip->getRecord("byteorder"); }));
     const std::string_view order(static_cast<const char*>(ptr.get()), size);
     if (order != "little" && order != "big") {
-      return make_error(Code::kCorrupt, "torch.save archive {} has an unknown byteorder '{}'", out.where,
-                        order.substr(0, 16));
+      return make_error(Code::kCorrupt, "torch.save archive {} has an unknown byteorder {}", out.where,
+                        pickle_repr(PickleValue::bytes(std::string(order.substr(0, 16)))));
     }
     out.big_endian = order == "big";
   }

@@ -57,8 +57,9 @@ const PickleAllowList& torch_save_allow_list();
 // - libtorch's torch::pickle_save output too: its `torch.jit._pickle.restore_type_tag` and
 //   `build_*list` wrappers are read as the value they wrap;
 // - big-endian files are byte-swapped (typed storages only).
-// Errors: kIo (cannot open or read), kCorrupt (not a zip, missing records, bad pickle, a
-// storage size or tensor extent that does not fit), kUnsupported (a global outside
+// Errors: kNotFound / kIo (cannot open or read), kCorrupt (not a zip, missing records, bad
+// pickle, a storage size or tensor extent that does not fit, a range past the end of the
+// file), kUnsupported (torch.save's legacy pre-1.6 format, TorchScript archives, a global outside
 // torch_save_allow_list(), named as "module.name", or an allowed object dsd cannot represent,
 // such as a set or a quantized tensor), kDtypeMismatch (a dtype dsd does not store).
 Result<Value> torch_load(const TorchArchive& archive);

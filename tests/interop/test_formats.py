@@ -283,6 +283,15 @@ def test_corrupt_archives_fail_cleanly(tmp_path):
     assert tool_error("torch-load", tmp_path / "missing.pt")["code"] == "not_found"
 
 
+def test_other_torch_formats_are_named(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    err = tool_error("torch-load", tmp_path / "legacy.pt")
+    assert err["code"] == "unsupported" and "legacy (pre-1.6, non-zip) format" in err["message"]
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pt")
+    err = tool_error("torch-load", tmp_path / "scripted.pt")
+    assert err["code"] == "unsupported" and "is a TorchScript archive" in err["message"]
+
+
 # ---- DCP checkpoints written by PyTorch -----------------------------------------------------
 
 

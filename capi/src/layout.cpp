@@ -84,6 +84,29 @@ using dsd::Code;
 using dsd::capi::guard;
 using dsd::capi::require;
 
+namespace dsd::capi {
+namespace {
+
+// This rank's tensor with a layout, checked: its shape must be the layout's local chunk.
+Result<TensorValue> dist_tensor(dsd_tensor local, dsd_layout layout, const char* key) {
+  TensorValue v = TRY(lookup(local));
+  v.layout = TRY(lookup(layout));
+  const Chunk box = local_box(*v.layout);
+  const bool holds_nothing = box.numel() == 0 && v.tensor.numel() == 0;
+  if (!holds_nothing && v.tensor.sizes() != c10::IntArrayRef(box.sizes)) {
+    const std::string name = key != nullptr ? fmt::format("'{}'", key) : std::string("the tensor");
+    return make_error_at(Code::kShapeMismatch, key != nullptr ? key : "",
+                         "local tensor of {} has shape [{}], but its layout ({}) gives "
+                         "rank {} the chunk {} of shape [{}]",
+                         name, fmt::join(v.tensor.sizes(), ", "), v.layout->str(),
+                         v.layout->mesh()->my_rank(), box.str(), fmt::join(box.sizes, ", "));
+  }
+  return v;
+}
+
+}  // namespace
+}  // namespace dsd::capi
+
 extern "C" {
 
 dsd_status dsd_layout_new_placements(const dsd_mesh* mesh, const int64_t* global_shape, size_t ndim,
@@ -204,22 +227,31 @@ dsd_status dsd_layout_mesh(dsd_layout layout, dsd_mesh** out, dsd_error** err) {
   });
 }
 
+
+dsd_status dsd_tensor_new_dist(dsd_tensor local, dsd_layout layout, dsd_tensor* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::dist_tensor(local, layout, nullptr));
+    *out = dsd::capi::make_handle(std::move(v));
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_tensor_layout(dsd_tensor tensor, dsd_layout* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(out, "out"));
+    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
+    if (!v.is_dist()) return dsd::Error(Code::kWrongKind, "the tensor is not distributed (it has no layout)");
+    *out = dsd::capi::make_layout_handle(v.layout);
+    return dsd::ok();
+  });
+}
+
 dsd_status dsd_state_dict_set_dist_tensor(dsd_state_dict* sd, const char* key, dsd_tensor local,
                                           dsd_layout layout, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(sd, "sd"));
-    dsd::TensorValue v = TRY(dsd::capi::lookup(local));
-    v.layout = TRY(dsd::capi::lookup(layout));
-    const dsd::Chunk box = dsd::capi::local_box(*v.layout);
-    const bool holds_nothing = box.numel() == 0 && v.tensor.numel() == 0;
-    if (!holds_nothing && v.tensor.sizes() != c10::IntArrayRef(box.sizes)) {
-      const std::string name = key != nullptr ? fmt::format("'{}'", key) : std::string("the item");
-      return dsd::make_error_at(Code::kShapeMismatch, key != nullptr ? key : "",
-                                "local tensor of {} has shape [{}], but its layout ({}) gives "
-                                "rank {} the chunk {} of shape [{}]",
-                                name, fmt::join(v.tensor.sizes(), ", "), v.layout->str(),
-                                v.layout->mesh()->my_rank(), box.str(), fmt::join(box.sizes, ", "));
-    }
+    dsd::TensorValue v = TRY(dsd::capi::dist_tensor(local, layout, key));
     return dsd::capi::put(sd, key, dsd::Value(std::move(v)));
   });
 }

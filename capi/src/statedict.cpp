@@ -314,7 +314,7 @@ dsd_status dsd_optim_set_materialize(dsd_optim* optim, dsd_materialize_fn fn, vo
       std::vector<dsd_tensor> handles;
       handles.reserve(missing.size());
       for (size_t pid : missing) handles.push_back(dsd::capi::make_handle(o.param(pid)));
-      const dsd_status st = fn(user_data, optim, handles.data(), handles.size());
+      const dsd_status st = fn(user_data, optim, handles.data(), missing.data(), handles.size());
       for (dsd_tensor h : handles) (void)dsd::capi::tensor_table().release(h.bits);
       if (st != DSD_OK) return dsd::make_error(Code::kCallback, "it returned status {}", st);
       return dsd::ok();

@@ -649,8 +649,15 @@ Result<ModelAndOptimStateDict> get_state_dict(Model& model, std::span<Optimizer*
 Result<IncompatibleKeys> set_state_dict(Model& model, std::span<Optimizer* const> optimizers,
                                         const Dict& model_state_dict, const Dict& optim_state_dict,
                                         const StateDictOptions& options) {
-  detail::Info info =
-      TRY(detail::verify_options(model, optimizers.size(), model_state_dict.empty(), {}, options));
+  // An empty model state dict means "optimizer only". Under broadcast_from_rank0 the other
+  // ranks pass empty dicts whatever rank 0 does, so rank 0 decides for all (PyTorch decides
+  // per rank, and its ranks then disagree on whether to enter the model's broadcast).
+  bool optim_only = model_state_dict.empty();
+  if (options.broadcast_from_rank0 && model.comm() != nullptr && model.comm()->size() > 1) {
+    std::string flag = TRY(broadcast_bytes(*model.comm(), optim_only ? "1" : "0", 0));
+    optim_only = flag == "1";
+  }
+  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), optim_only, {}, options));
   TRY(detail::verify_state_dict(&model_state_dict, &optim_state_dict, info));
   TRY(detail::load_optim_state_dict(model, optimizers, optim_state_dict, info));
   return detail::load_model_state_dict(model, model_state_dict, info);

@@ -54,7 +54,9 @@ static dsd_tensor wrap(float* data, int i, int scalar) {
 }
 
 /* dsd calls this before a get or set when parameters lack optimizer state. */
-static dsd_status materialize(void* user_data, dsd_optim* optim, const dsd_tensor* params, size_t n) {
+static dsd_status materialize(void* user_data, dsd_optim* optim, const dsd_tensor* params,
+                              const size_t* pids, size_t n) {
+  (void)pids; /* our parameters are told apart by their memory */
   Trainer* tr = user_data;
   for (size_t k = 0; k < n; ++k) {
     dsd_tensor_info info;
@@ -110,7 +112,8 @@ static void trainer_init(Trainer* tr, unsigned seed) {
 static void train_step(Trainer* tr, float target) {
   for (int i = 0; i < NPARAM; ++i) {
     if (tr->m[i] == NULL) { /* first step: create state, as a lazy optimizer does */
-      materialize(tr, tr->optim, &tr->handle[i], 1);
+      const size_t pid = (size_t)i;
+      materialize(tr, tr->optim, &tr->handle[i], &pid, 1);
     }
     tr->step[i] += 1;
     const double bc1 = 1 - pow(tr->beta1, tr->step[i]), bc2 = 1 - pow(tr->beta2, tr->step[i]);

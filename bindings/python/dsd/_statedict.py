@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from . import _state_dict, _tensor
+from . import _dist, _state_dict, _tensor
 from ._errors import call
 from ._lib import ffi, lib
 
@@ -52,13 +52,26 @@ def _c_options(options: StateDictOptions | None, keep):
     return o
 
 
-def _tensor_handle(value) -> int:
-    """A handle for a tensor (a DTensor's local shard with its layout, once distributed
-    support is wired in)."""
+def _tensor_handle(value, ctx=None) -> int:
+    """A handle for a tensor; for a DTensor, its local shard with its layout."""
+    if _dist.is_dtensor(value):
+        local, layout = _dist.from_dtensor(value, cache=ctx)
+        try:
+            out = ffi.new("dsd_tensor*")
+            call(lib.dsd_tensor_new_dist, ffi.new("dsd_tensor*", {"bits": local.bits})[0], layout.handle, out)
+            return out[0].bits
+        finally:
+            local.release()
+            layout.release()
     return _tensor.handle_from_tensor(value)
 
 
-def _with_handle(value, fn):
+def _with_handle(value, fn, ctx=None):
+    """Calls fn(handle) with a handle of `value`. Within one call (`ctx`) a tensor always gets
+    the same handle: dsd tells parameters apart by their memory, and tensors with no elements
+    (empty shards) have none, so the model and the optimizer must name them by one handle."""
+    if ctx is not None:
+        return fn(ffi.new("dsd_tensor*", {"bits": ctx.handle(value)})[0])
     bits = _tensor_handle(value)
     try:
         return fn(ffi.new("dsd_tensor*", {"bits": bits})[0])
@@ -104,16 +117,19 @@ class _Model:
     keys the module itself reports (wrapper prefixes, state_dict hooks applied), values by
     reference."""
 
-    def __init__(self, model, options: StateDictOptions, comm=None):
+    def __init__(self, model, options: StateDictOptions, ctx: "_Context"):
         import torch
 
         self.module = model
+        self.ctx = ctx
         out = ffi.new("dsd_model**")
-        call(lib.dsd_model_new, comm if comm is not None else ffi.NULL, type(model).__name__.encode(), out)
+        comm = ctx.comm.ptr if ctx.comm is not None else ffi.NULL
+        call(lib.dsd_model_new, comm, type(model).__name__.encode(), out)
         self.ptr = ffi.gc(out[0], lib.dsd_model_free)
         _declare_wrappers(model, self.ptr, options.dsd_fqn_modifiers)
         params = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
         self.extra_state_keys: list[str] = []
+        self.meta_keys: list[str] = []
         for key, value in model.state_dict(keep_vars=True).items():
             raw = key.encode()
             if key == _EXTRA_STATE or key.endswith("." + _EXTRA_STATE):
@@ -125,11 +141,13 @@ class _Model:
                 self.extra_state_keys.append(key)
             elif isinstance(value, torch.Tensor):
                 p = params.get(id(value))
+                if value.is_meta or (_dist.is_dtensor(value) and value.to_local().is_meta):
+                    self.meta_keys.append(key)
                 if p is not None:
                     _with_handle(value, lambda h, r=raw, g=p.requires_grad:
-                                 call(lib.dsd_model_add_parameter, self.ptr, r, h, g))
+                                 call(lib.dsd_model_add_parameter, self.ptr, r, h, g), ctx)
                 else:
-                    _with_handle(value, lambda h, r=raw: call(lib.dsd_model_add_buffer, self.ptr, r, h, True))
+                    _with_handle(value, lambda h, r=raw: call(lib.dsd_model_add_buffer, self.ptr, r, h, True), ctx)
             else:
                 raise ValueError(f"Unexpected value type {type(value)} for '{key}' in model.state_dict()")
 
@@ -138,6 +156,31 @@ class _Model:
         n = ffi.new("size_t*")
         call(lib.dsd_model_canonical_fqn, self.ptr, raw.encode(), out, 4096, n)
         return ffi.string(out).decode()
+
+    def apply_assigned(self) -> None:
+        """Meta-device parameters and buffers got new tensors from the load (PyTorch's
+        load_state_dict(assign=True)): put them into the module."""
+        if not self.meta_keys:
+            return
+        import torch
+
+        out = ffi.new("dsd_state_dict**")
+        call(lib.dsd_model_entries, self.ptr, out)
+        try:
+            entries = _state_dict.to_python(out[0], self.ctx.meshes)
+        finally:
+            lib.dsd_state_dict_free(out[0])
+        for key in self.meta_keys:
+            path, _, name = key.rpartition(".")
+            module = self.module.get_submodule(path) if path else self.module
+            value = entries[key]
+            if value.is_meta or (_dist.is_dtensor(value) and value.to_local().is_meta):
+                continue  # not in the loaded state dict
+            if name in module._parameters:
+                old = module._parameters[name]
+                module._parameters[name] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                module._buffers[name] = value
 
     def apply_extra_state(self, loaded: dict) -> None:
         """set_extra_state on every module whose extra state the loaded dict carried."""
@@ -224,8 +267,9 @@ def _materialize_by_step(optim, params) -> None:
 class _Optim:
     """A dsd_optim mirroring a torch.optim.Optimizer: groups and state by reference."""
 
-    def __init__(self, optim):
+    def __init__(self, optim, ctx: "_Context"):
         self.optim = optim
+        self.ctx = ctx
         out = ffi.new("dsd_optim**")
         call(lib.dsd_optim_new, out)
         self.ptr = ffi.gc(out[0], lib.dsd_optim_free)
@@ -233,14 +277,12 @@ class _Optim:
         for group in optim.param_groups:
             options = {k: v for k, v in group.items() if k != "params"}
             opts = _state_dict.to_dsd(options)
-            bits = [_tensor_handle(p) for p in group["params"]]
+            bits = [ctx.handle(p) for p in group["params"]]
             try:
                 handles = ffi.new("dsd_tensor[]", [{"bits": b} for b in bits])
                 call(lib.dsd_optim_add_param_group, self.ptr, opts, handles, len(bits))
             finally:
                 lib.dsd_state_dict_free(opts)
-                for b in bits:
-                    _tensor.release(b)
             self.params.extend(group["params"])
         for p in self.params:
             if p in optim.state:
@@ -249,21 +291,15 @@ class _Optim:
         call(lib.dsd_optim_set_materialize, self.ptr, self._callback, ffi.NULL)
 
     def _register_state(self, p, state: dict) -> None:
-        sd = _state_dict.to_dsd(state)
+        sd = _state_dict.to_dsd(state, ctx=self.ctx.meshes)
         try:
-            _with_handle(p, lambda h: call(lib.dsd_optim_set_param_state, self.ptr, h, sd))
+            _with_handle(p, lambda h: call(lib.dsd_optim_set_param_state, self.ptr, h, sd), self.ctx)
         finally:
             lib.dsd_state_dict_free(sd)
 
-    def _materialize(self, user_data, optim_ptr, handles, n) -> int:
+    def _materialize(self, user_data, optim_ptr, handles, pids, n) -> int:
         try:
-            by_ptr = {}
-            for p in self.params:
-                by_ptr.setdefault((p.data_ptr(), tuple(p.shape)), p)
-            missing = []
-            for i in range(n):
-                t = _tensor.tensor_from_handle(handles[i].bits)
-                missing.append(by_ptr[(t.data_ptr(), tuple(t.shape))])
+            missing = [self.params[pids[i]] for i in range(n)]
             group_of = {id(p): g for g in self.optim.param_groups for p in g["params"]}
             unknown = []
             for p in missing:
@@ -291,7 +327,7 @@ class _Optim:
             out = ffi.new("dsd_state_dict**")
             call(lib.dsd_optim_get_param_group, self.ptr, i, out)
             try:
-                hyper = _state_dict.to_python(out[0])
+                hyper = _state_dict.to_python(out[0], self.ctx.meshes)
             finally:
                 lib.dsd_state_dict_free(out[0])
             params = group["params"]
@@ -305,7 +341,7 @@ class _Optim:
             def get(h):
                 return lib.dsd_optim_get_param_state(self.ptr, h, out, err)
 
-            status = _with_handle(p, get)
+            status = _with_handle(p, get, self.ctx)
             if status == lib.DSD_E_NOT_FOUND:
                 lib.dsd_error_free(err[0])
                 self.optim.state.pop(p, None)
@@ -317,7 +353,7 @@ class _Optim:
                 slot.ptr = err
                 slot.check(status)
             try:
-                self.optim.state[p] = _state_dict.to_python(out[0])
+                self.optim.state[p] = _state_dict.to_python(out[0], self.ctx.meshes)
             finally:
                 lib.dsd_state_dict_free(out[0])
 
@@ -341,10 +377,54 @@ def _submodule_paths(model, submodules) -> list[bytes]:
     return [paths[id(m)].encode() for m in submodules]
 
 
-def _communicator(model):
-    """The communicator a model's state dict functions run over (None: one process)."""
-    del model
-    return None
+_COMM = {}
+
+
+def _communicator():
+    """The communicator the state-dict functions run over: one built from the launcher's
+    environment (torchrun, dsdrun, mpirun, srun) once torch.distributed runs with more than one
+    rank, shared by every later call; None in a single process. $DSD_TIMEOUT_S sets its
+    collective timeout (default 30 minutes, as PyTorch's)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    key = (dist.get_rank(), dist.get_world_size())
+    if key not in _COMM:
+        import datetime
+        import os
+
+        timeout = os.environ.get("DSD_TIMEOUT_S")
+        if timeout:
+            _COMM[key] = _dist.Communicator.from_env(timeout=datetime.timedelta(seconds=float(timeout)))
+        else:
+            _COMM[key] = _dist.Communicator.from_env()
+    return _COMM[key]
+
+
+class _Context:
+    """What one call shares: the communicator, and the meshes met (torch <-> dsd), so sharded
+    values come back as DTensors on the very meshes they came from."""
+
+    def __init__(self):
+        self.comm = _communicator()
+        self.meshes = _dist.MeshCache(self.comm)
+        self._handles: dict[int, tuple[object, int]] = {}
+
+    def handle(self, tensor) -> int:
+        """The handle of `tensor` for this call (made once, released with the context)."""
+        hit = self._handles.get(id(tensor))
+        if hit is None:
+            hit = (tensor, _tensor_handle(tensor, self.meshes))
+            self._handles[id(tensor)] = hit
+        return hit[1]
+
+    def __del__(self):
+        for _, bits in self._handles.values():
+            try:
+                _tensor.release(bits)
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
 
 
 def _expand_module_keyed(model, state_dict):
@@ -357,7 +437,7 @@ def _expand_module_keyed(model, state_dict):
         "Passing model_state_dict as a ``Dict[nn.Module, Dict[str, Any]]``is deprecated and will be "
         "removed in 2.5. If you need this feature, please preprocess the model_state_dict to achieve "
         "the same functionality.", FutureWarning, stacklevel=3)
-    m = _Model(model, StateDictOptions())
+    m = _Model(model, StateDictOptions(), _Context())
     paths = _module_paths(model)
     out = {}
     for sub, sub_sd in state_dict.items():
@@ -366,9 +446,9 @@ def _expand_module_keyed(model, state_dict):
     return out
 
 
-def _to_python(ptr, free=True):
+def _to_python(ptr, ctx=None, free=True):
     try:
-        return _state_dict.to_python(ptr)
+        return _state_dict.to_python(ptr, ctx.meshes if ctx is not None else None)
     finally:
         if free:
             lib.dsd_state_dict_free(ptr)
@@ -380,13 +460,14 @@ def _to_python(ptr, free=True):
 def get_model_state_dict(model, *, submodules=None, options: StateDictOptions | None = None) -> dict[str, Any]:
     options = options or StateDictOptions()
     keep = []
-    m = _Model(model, options, _communicator(model))
+    ctx = _Context()
+    m = _Model(model, options, ctx)
     subs = _submodule_paths(model, submodules)
     keep.append([ffi.new("char[]", s) for s in subs])
     sub_arr = ffi.new("char*[]", keep[-1]) if subs else ffi.NULL
     out = ffi.new("dsd_state_dict**")
     call(lib.dsd_get_model_state_dict_submodules, m.ptr, sub_arr, len(subs), _c_options(options, keep), out)
-    return _to_python(out[0])
+    return _to_python(out[0], ctx)
 
 
 def get_optimizer_state_dict(model, optimizers, *, submodules=None,
@@ -394,12 +475,13 @@ def get_optimizer_state_dict(model, optimizers, *, submodules=None,
     options = options or StateDictOptions()
     keep = []
     _submodule_paths(model, submodules)
-    m = _Model(model, options, _communicator(model))
-    opts = [_Optim(o) for o in _optimizers(optimizers)]
+    ctx = _Context()
+    m = _Model(model, options, ctx)
+    opts = [_Optim(o, ctx) for o in _optimizers(optimizers)]
     arr = ffi.new("dsd_optim*[]", [o.ptr for o in opts])
     out = ffi.new("dsd_state_dict**")
     call(lib.dsd_get_optimizer_state_dict, m.ptr, arr, len(opts), _c_options(options, keep), out)
-    return _to_python(out[0])
+    return _to_python(out[0], ctx)
 
 
 def get_state_dict(model, optimizers, *, submodules=None,
@@ -407,13 +489,14 @@ def get_state_dict(model, optimizers, *, submodules=None,
     options = options or StateDictOptions()
     keep = []
     _submodule_paths(model, submodules)
-    m = _Model(model, options, _communicator(model))
-    opts = [_Optim(o) for o in _optimizers(optimizers)]
+    ctx = _Context()
+    m = _Model(model, options, ctx)
+    opts = [_Optim(o, ctx) for o in _optimizers(optimizers)]
     arr = ffi.new("dsd_optim*[]", [o.ptr for o in opts])
     msd = ffi.new("dsd_state_dict**")
     osd = ffi.new("dsd_state_dict**")
     call(lib.dsd_get_state_dict, m.ptr, arr, len(opts), _c_options(options, keep), msd, osd)
-    return _to_python(msd[0]), _to_python(osd[0])
+    return _to_python(msd[0], ctx), _to_python(osd[0], ctx)
 
 
 def _keys(ptr) -> _IncompatibleKeys:
@@ -436,22 +519,24 @@ def _keys(ptr) -> _IncompatibleKeys:
         lib.dsd_incompatible_keys_free(ptr)
 
 
-def _from_python(obj):
-    return _state_dict.to_dsd(obj)
+def _from_python(obj, ctx):
+    return _state_dict.to_dsd(obj, ctx=ctx.meshes)
 
 
 def set_model_state_dict(model, model_state_dict, *, options: StateDictOptions | None = None) -> _IncompatibleKeys:
     options = options or StateDictOptions()
     model_state_dict = _expand_module_keyed(model, model_state_dict)
     keep = []
-    m = _Model(model, options, _communicator(model))
-    sd = _from_python(model_state_dict)
+    ctx = _Context()
+    m = _Model(model, options, ctx)
+    sd = _from_python(model_state_dict, ctx)
     out = ffi.new("dsd_incompatible_keys**")
     try:
         call(lib.dsd_set_model_state_dict, m.ptr, sd, _c_options(options, keep), out)
     finally:
         lib.dsd_state_dict_free(sd)
     keys = _keys(out[0])
+    m.apply_assigned()
     m.apply_extra_state(model_state_dict)
     return keys
 
@@ -460,10 +545,11 @@ def set_optimizer_state_dict(model, optimizers, optim_state_dict, *,
                              options: StateDictOptions | None = None) -> None:
     options = options or StateDictOptions()
     keep = []
-    m = _Model(model, options, _communicator(model))
-    opts = [_Optim(o) for o in _optimizers(optimizers)]
+    ctx = _Context()
+    m = _Model(model, options, ctx)
+    opts = [_Optim(o, ctx) for o in _optimizers(optimizers)]
     arr = ffi.new("dsd_optim*[]", [o.ptr for o in opts])
-    sd = _from_python(optim_state_dict)
+    sd = _from_python(optim_state_dict, ctx)
     try:
         call(lib.dsd_set_optimizer_state_dict, m.ptr, arr, len(opts), sd, _c_options(options, keep))
     finally:
@@ -477,11 +563,12 @@ def set_state_dict(model, optimizers, *, model_state_dict, optim_state_dict,
     options = options or StateDictOptions()
     model_state_dict = _expand_module_keyed(model, model_state_dict)
     keep = []
-    m = _Model(model, options, _communicator(model))
-    opts = [_Optim(o) for o in _optimizers(optimizers)]
+    ctx = _Context()
+    m = _Model(model, options, ctx)
+    opts = [_Optim(o, ctx) for o in _optimizers(optimizers)]
     arr = ffi.new("dsd_optim*[]", [o.ptr for o in opts])
-    msd = _from_python(model_state_dict)
-    osd = _from_python(optim_state_dict)
+    msd = _from_python(model_state_dict, ctx)
+    osd = _from_python(optim_state_dict, ctx)
     out = ffi.new("dsd_incompatible_keys**")
     try:
         call(lib.dsd_set_state_dict, m.ptr, arr, len(opts), msd, osd, _c_options(options, keep), out)
@@ -491,6 +578,7 @@ def set_state_dict(model, optimizers, *, model_state_dict, optim_state_dict,
     for o in opts:
         o.sync_back()
     keys = _keys(out[0])
+    m.apply_assigned()
     m.apply_extra_state(model_state_dict)
     return keys
 

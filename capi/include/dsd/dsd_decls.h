@@ -528,6 +528,15 @@ dsd_status dsd_layout_placements(dsd_layout layout, dsd_placement* out, size_t c
 /* The layout's mesh: a new reference, freed with dsd_mesh_free(). */
 dsd_status dsd_layout_mesh(dsd_layout layout, dsd_mesh** out, dsd_error** err);
 
+/* A distributed tensor handle: this rank's `local` tensor with its `layout` (checked as
+ * dsd_state_dict_set_dist_tensor checks it). Models and optimizers take such handles for
+ * sharded parameters and their state; the new handle is released with dsd_tensor_release(),
+ * and the caller still releases `local` and `layout`. */
+dsd_status dsd_tensor_new_dist(dsd_tensor local, dsd_layout layout, dsd_tensor* out, dsd_error** err);
+
+/* A new handle to the layout of a distributed tensor handle; DSD_E_WRONG_KIND for a plain one. */
+dsd_status dsd_tensor_layout(dsd_tensor tensor, dsd_layout* out, dsd_error** err);
+
 /* Distributed tensors in state dicts (the state-dict functions above see them as tensors of
  * kind DSD_KIND_TENSOR whose handle is this rank's local tensor).
  *
@@ -661,11 +670,12 @@ dsd_status dsd_optim_get_param_group(dsd_optim* optim, size_t index, dsd_state_d
 /* Creates the state of parameters that have none yet, for optimizers that create it lazily,
  * leaving no numerical trace (no step: counters and moments start as a fresh optimizer's).
  * Called on the calling thread by every get/set that involves `optim` when trainable
- * parameters lack state, with handles of those `n` parameters (valid during the call); it
+ * parameters lack state, with handles of those `n` parameters (valid during the call) and
+ * their positions across the optimizer's groups (`pids`, PyTorch's parameter ids); it
  * registers state with dsd_optim_set_param_state(). A status other than DSD_OK fails the
  * get/set with DSD_E_CALLBACK. */
 typedef dsd_status (*dsd_materialize_fn)(void* user_data, dsd_optim* optim, const dsd_tensor* params,
-                                         size_t n);
+                                         const size_t* pids, size_t n);
 dsd_status dsd_optim_set_materialize(dsd_optim* optim, dsd_materialize_fn fn, void* user_data,
                                      dsd_error** err);
 

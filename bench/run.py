@@ -21,6 +21,9 @@ REPO = os.path.dirname(HERE)
 TARGETS = {
     "abi.call_ns": (50, "<=", "trivial C ABI call with a handle lookup, ns"),
     "statedict.get_vs_map": (3, "<=", "get_model_state_dict of 10k tensors / building a std::map"),
+    "dist.gather_vs_allgather": (0.9, ">=", "full gather at world 4 / raw all-gather of the bytes"),
+    "dist.bcast_peak_ratio": (1.3, "<=", "broadcast_from_rank0 peak RSS / (shard + bucket + RSS before)"),
+    "dist.sharded_get_us_per_entry": (2, "<=", "sharded get at world 4, us per entry (10k entries)"),
 }
 
 
@@ -50,7 +53,19 @@ def bench_statedict(args) -> dict[str, float]:
     }
 
 
-GROUPS = {"abi": bench_abi, "statedict": bench_statedict}
+def bench_dist(args) -> dict[str, float]:
+    """bench_dist on 4 local ranks (tools/dsdrun); rank 0 prints the figures as JSON."""
+    out = subprocess.run([os.path.join(args.build, "tools", "dsdrun"), "-n", "4", "--timeout", "900",
+                          os.path.join(args.build, "bench", "bench_dist")],
+                         check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    for line in out.splitlines():
+        line = line.split("] ", 1)[-1]
+        if line.startswith("{"):
+            return {k: v for k, v in json.loads(line).items() if k != "dist.world"}
+    raise RuntimeError(f"bench_dist printed no figures:\n{out[-2000:]}")
+
+
+GROUPS = {"abi": bench_abi, "statedict": bench_statedict, "dist": bench_dist}
 
 
 def load_groups():

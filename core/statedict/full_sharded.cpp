@@ -11,6 +11,7 @@
 #include "core/statedict/flatten.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 
@@ -110,20 +111,70 @@ struct Gathered {
   int64_t full_bytes = 0;
 };
 
-// Whether the ranks' chunks are consecutive equal pieces of the flattened tensor, rank r's at
-// r * size: then an all-gather lands them in place (FSDP's even Shard(0)).
-bool lands_in_place(const Gathered& g) {
+// When rank r holds rows [r * n, r * n + size_r) of dim 0 (size_r <= n) and all of the other
+// dims, for every rank in order (FSDP's Shard(0), even or uneven as torch.chunk cuts), an
+// all-gather of n rows per rank lands every piece in place: the full tensor is the first rows
+// of the output. Returns n, or 0 when the chunks are laid out otherwise.
+int64_t rows_in_place(const Gathered& g) {
   const size_t world = g.chunks.size();
-  if (g.local.tensor.dim() == 0) return false;
-  const int64_t rows = g.chunks.front().sizes.empty() ? 0 : g.chunks.front().sizes[0];
+  const std::vector<int64_t>& shape = g.local.layout->global_shape();
+  if (shape.empty() || world == 0) return 0;
+  const int64_t n = (shape[0] + static_cast<int64_t>(world) - 1) / static_cast<int64_t>(world);
+  if (n == 0) return 0;
   for (size_t r = 0; r < world; ++r) {
     const Chunk& c = g.chunks[r];
-    if (c.sizes.empty() || c.sizes[0] != rows || c.offsets[0] != static_cast<int64_t>(r) * rows) return false;
-    for (size_t d = 1; d < c.sizes.size(); ++d) {
-      if (c.offsets[d] != 0 || c.sizes[d] != g.local.layout->global_shape()[d]) return false;
+    if (c.sizes.size() != shape.size()) return 0;
+    const int64_t size = c.sizes[0];
+    if (size > n) return 0;
+    if (size > 0 && c.offsets[0] != static_cast<int64_t>(r) * n) return 0;
+    if (size == 0 && std::min(static_cast<int64_t>(r) * n, shape[0]) < shape[0] &&
+        static_cast<int64_t>(r) * n < shape[0]) {
+      return 0;  // an empty chunk where rows should be
+    }
+    for (size_t d = 1; d < shape.size(); ++d) {
+      if (size > 0 && (c.offsets[d] != 0 || c.sizes[d] != shape[d])) return 0;
     }
   }
-  return rows * static_cast<int64_t>(world) == g.local.layout->global_shape()[0];
+  // The pieces must cover the rows exactly.
+  int64_t covered = 0;
+  for (const Chunk& c : g.chunks) covered += c.sizes[0];
+  return covered == shape[0] ? n : 0;
+}
+
+// Gathers one tensor whose pieces land in place (see rows_in_place): one collective, no
+// unpacking.
+Status gather_in_place(Communicator& comm, Gathered& g, int64_t rows, bool cpu_offload, bool rank0_only) {
+  const int world = comm.size();
+  const bool receive = !rank0_only || comm.rank() == 0;
+  const c10::Device comm_device(comm.device_type());
+  const std::vector<int64_t>& shape = g.local.layout->global_shape();
+  std::vector<int64_t> padded = shape;
+  padded[0] = rows * world;
+  const auto options = at::TensorOptions().dtype(g.local.tensor.scalar_type()).device(comm_device);
+  std::vector<int64_t> piece_shape = shape;
+  piece_shape[0] = rows;
+  at::Tensor send;
+  if (g.local.tensor.size(0) == rows && g.local.tensor.device() == comm_device && g.local.tensor.is_contiguous()) {
+    send = g.local.tensor.view(-1);
+  } else {
+    send = at::zeros(piece_shape, options);
+    if (g.local.tensor.numel() > 0) send.narrow(0, 0, g.local.tensor.size(0)).copy_(g.local.tensor);
+    send = send.view(-1);
+  }
+  at::Tensor out = receive ? at::empty(padded, options) : at::empty({0}, options);
+  at::Tensor flat = receive ? out.view(-1) : out;
+  if (rank0_only) {
+    TRY(comm.gather(flat, send, 0));
+  } else {
+    TRY(comm.all_gather(flat, send));
+  }
+  if (!receive) return ok();
+  at::Tensor full = out.narrow(0, 0, shape[0]);
+  if (full.device() != (cpu_offload ? c10::Device(c10::DeviceType::CPU) : g.local.tensor.device())) {
+    full = full.to(cpu_offload ? c10::Device(c10::DeviceType::CPU) : g.local.tensor.device());
+  }
+  *g.slot = Value(TensorValue{full, nullptr, false});
+  return ok();
 }
 
 Result<std::string> explicit_chunks_blob(const std::vector<Gathered*>& explicit_leaves) {
@@ -145,21 +196,6 @@ Status gather_bucket(Communicator& comm, std::vector<Gathered*>& bucket, bool cp
   auto target_device = [&](const Gathered& g) {
     return cpu_offload ? c10::Device(c10::DeviceType::CPU) : g.local.tensor.device();
   };
-
-  if (bucket.size() == 1 && lands_in_place(*bucket.front())) {
-    Gathered& g = *bucket.front();
-    const auto dtype = g.local.tensor.scalar_type();
-    at::Tensor full = at::empty(g.local.layout->global_shape(), at::TensorOptions().dtype(dtype).device(comm_device));
-    at::Tensor send = g.local.tensor.to(comm_device).contiguous().view(-1);
-    at::Tensor out = full.view(-1);
-    if (rank0_only) {
-      TRY(comm.gather(out, send, 0));
-    } else {
-      TRY(comm.all_gather(out, send));
-    }
-    if (receive) *g.slot = Value(TensorValue{full.to(target_device(g)), nullptr, false});
-    return ok();
-  }
 
   // Pack this rank's chunks into one byte buffer, padded to the largest rank's.
   std::vector<int64_t> per_rank(static_cast<size_t>(world), 0);
@@ -315,6 +351,13 @@ Result<DictPtr> gather_state_dict(DictPtr state_dict, Communicator* comm, bool c
     std::vector<Gathered*> bucket;
     uint64_t bytes = 0;
     for (Gathered& g : leaves) {
+      // Large FSDP-style shards go alone, straight into their full tensor; small tensors share
+      // buckets, so 10,000 of them cost a few collectives.
+      if (const int64_t rows = rows_in_place(g); rows > 0 && g.full_bytes >= (1 << 20)) {
+        TRY(torch_call(Code::kComm, "gathering a full state dict",
+                       [&] { return gather_in_place(*comm, g, rows, cpu_offload, rank0_only); }));
+        continue;
+      }
       if (!bucket.empty() && bytes + static_cast<uint64_t>(g.full_bytes) > limit) {
         TRY(torch_call(Code::kComm, "gathering a full state dict", [&] { return gather_bucket(*comm, bucket, cpu_offload, rank0_only); }));
         bucket.clear();

@@ -36,7 +36,5 @@ LayoutTable& layout_table();
 inline Result<LayoutPtr> lookup(dsd_layout h) { return layout_table().get(h.bits); }
 inline dsd_layout make_layout_handle(LayoutPtr l) { return dsd_layout{layout_table().insert(std::move(l))}; }
 
-// Copies `dims` into out[0..capacity), or fails with kBufferTooSmall naming `what`.
-Status copy_out(std::span<const int64_t> dims, int64_t* out, size_t capacity, const char* what);
 
 }  // namespace dsd::capi

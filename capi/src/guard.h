@@ -7,6 +7,7 @@
 
 #include <exception>
 #include <new>
+#include <span>
 #include <string>
 
 #include "core/base/result.h"
@@ -45,5 +46,8 @@ inline Status require(const void* p, const char* name) {
   if (p == nullptr) return Error(Code::kInvalidArgument, std::string(name) + " is NULL");
   return ok();
 }
+
+// Copies `dims` into out[0..capacity), or fails with kBufferTooSmall naming `what`.
+Status copy_out(std::span<const int64_t> dims, int64_t* out, size_t capacity, const char* what);
 
 }  // namespace dsd::capi

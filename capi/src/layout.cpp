@@ -38,45 +38,6 @@ Chunk local_box(const Layout& l) {
   return l.local_chunk();
 }
 
-// What the state-dict writers do with a value (state_dict.cpp's rules): a dict needs a key
-// (and an int key in an int-keyed dict), a list takes NULL and appends.
-Status put(dsd_state_dict* sd, const char* key, Value v) {
-  if (Dict* d = sd->node.if_dict()) {
-    if (key == nullptr) return Error(Code::kInvalidArgument, "key is NULL (a dict needs a key)");
-    if (d->int_keys() && !is_int_key(key)) {
-      return make_error_at(Code::kInvalidArgument, key, "key '{}' is not an integer (the dict is int-keyed)", key);
-    }
-    d->set(key, std::move(v));
-    return ok();
-  }
-  if (key != nullptr) {
-    return make_error(Code::kInvalidArgument, "key '{}' given for a list (pass NULL to append)", key);
-  }
-  sd->node.if_list()->push_back(std::move(v));
-  return ok();
-}
-
-Result<const Value*> value_at(const dsd_state_dict* sd, size_t index) {
-  if (const Dict* d = sd->node.if_dict()) {
-    if (index >= d->size()) {
-      return make_error(Code::kInvalidArgument, "index {} is out of range for a dict of {} entries",
-                        index, d->size());
-    }
-    return &d->value_at(index);
-  }
-  const List* l = sd->node.if_list();
-  if (index >= l->size()) {
-    return make_error(Code::kInvalidArgument, "index {} is out of range for a list of {} items",
-                      index, l->size());
-  }
-  return &(*l)[index];
-}
-
-std::string describe(const dsd_state_dict* sd, size_t index) {
-  if (const Dict* d = sd->node.if_dict()) return fmt::format("'{}'", d->key_at(index));
-  return fmt::format("item {}", index);
-}
-
 }  // namespace
 }  // namespace dsd::capi
 

@@ -6,16 +6,6 @@
 
 namespace dsd::capi {
 
-Status copy_out(std::span<const int64_t> dims, int64_t* out, size_t capacity, const char* what) {
-  TRY(require(out, "out"));
-  if (capacity < dims.size()) {
-    return make_error(Code::kBufferTooSmall, "{} needs room for {} values, {} given", what,
-                      dims.size(), capacity);
-  }
-  std::copy(dims.begin(), dims.end(), out);
-  return ok();
-}
-
 namespace {
 
 Result<c10::DeviceType> device_type_from(int32_t type) {

@@ -19,8 +19,6 @@ Result<Dict*> as_dict(const dsd_state_dict* sd, const char* what) {
   return d;
 }
 
-namespace {
-
 Result<const Value*> value_at(const dsd_state_dict* sd, size_t index) {
   TRY(require(sd, "sd"));
   if (const Dict* d = sd->node.if_dict()) {
@@ -42,6 +40,25 @@ std::string describe(const dsd_state_dict* sd, size_t index) {
   if (const Dict* d = sd->node.if_dict()) return fmt::format("'{}'", d->key_at(index));
   return fmt::format("item {}", index);
 }
+
+Status put(dsd_state_dict* sd, const char* key, Value v) {
+  TRY(require(sd, "sd"));
+  if (Dict* d = sd->node.if_dict()) {
+    if (key == nullptr) return Error(Code::kInvalidArgument, "key is NULL (a dict needs a key)");
+    if (d->int_keys() && !is_int_key(key)) {
+      return make_error_at(Code::kInvalidArgument, key, "key '{}' is not an integer (the dict is int-keyed)", key);
+    }
+    d->set(key, std::move(v));
+    return ok();
+  }
+  if (key != nullptr) {
+    return make_error(Code::kInvalidArgument, "key '{}' given for a list (pass NULL to append)", key);
+  }
+  sd->node.if_list()->push_back(std::move(v));
+  return ok();
+}
+
+namespace {
 
 template <class T>
 Result<const T*> typed_at(const dsd_state_dict* sd, size_t index, Kind want,
@@ -69,23 +86,6 @@ bool reaches(const Value& root, const void* target) {
     }
   }
   return false;
-}
-
-Status put(dsd_state_dict* sd, const char* key, Value v) {
-  TRY(require(sd, "sd"));
-  if (Dict* d = sd->node.if_dict()) {
-    if (key == nullptr) return Error(Code::kInvalidArgument, "key is NULL (a dict needs a key)");
-    if (d->int_keys() && !is_int_key(key)) {
-      return make_error_at(Code::kInvalidArgument, key, "key '{}' is not an integer (the dict is int-keyed)", key);
-    }
-    d->set(key, std::move(v));
-    return ok();
-  }
-  if (key != nullptr) {
-    return make_error(Code::kInvalidArgument, "key '{}' given for a list (pass NULL to append)", key);
-  }
-  sd->node.if_list()->push_back(std::move(v));
-  return ok();
 }
 
 const void* container_address(const Value& v) {

@@ -17,9 +17,7 @@ TensorTable& tensor_table() {
   return *table;
 }
 
-namespace {
-
-Status copy_dims(c10::IntArrayRef dims, int64_t* out, size_t capacity, const char* what) {
+Status copy_out(std::span<const int64_t> dims, int64_t* out, size_t capacity, const char* what) {
   TRY(require(out, "out"));
   if (capacity < dims.size()) {
     return make_error(Code::kBufferTooSmall, "{} needs room for {} values, {} given", what,
@@ -28,8 +26,6 @@ Status copy_dims(c10::IntArrayRef dims, int64_t* out, size_t capacity, const cha
   std::copy(dims.begin(), dims.end(), out);
   return ok();
 }
-
-}  // namespace
 }  // namespace dsd::capi
 
 using dsd::Code;
@@ -168,14 +164,14 @@ dsd_status dsd_tensor_info_get(dsd_tensor tensor, dsd_tensor_info* out, dsd_erro
 dsd_status dsd_tensor_shape(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
-    return dsd::capi::copy_dims(v.tensor.sizes(), out, capacity, "shape");
+    return dsd::capi::copy_out({v.tensor.sizes().data(), v.tensor.sizes().size()}, out, capacity, "shape");
   });
 }
 
 dsd_status dsd_tensor_strides(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
-    return dsd::capi::copy_dims(v.tensor.strides(), out, capacity, "strides");
+    return dsd::capi::copy_out({v.tensor.strides().data(), v.tensor.strides().size()}, out, capacity, "strides");
   });
 }
 

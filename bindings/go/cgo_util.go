@@ -13,6 +13,15 @@ import (
 
 func itoa(v int64) string { return strconv.FormatInt(v, 10) }
 
+// cstr is s NUL-terminated in Go memory, for a C parameter that is only read during the
+// call (cgo allows passing Go memory that holds no Go pointers): cheaper than C.CString's
+// malloc and free. Never for strings C keeps, nor inside arrays passed to C.
+func cstr(s string) *C.char {
+	b := make([]byte, len(s)+1)
+	copy(b, s)
+	return (*C.char)(unsafe.Pointer(&b[0]))
+}
+
 // cstrings is a set of C strings made for one call and freed after it.
 type cstrings []*C.char
 

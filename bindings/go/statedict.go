@@ -110,11 +110,9 @@ func (sd *StateDict) Size() (int, error) {
 // Find is the position of key in a dict (dsd_state_dict_find). ErrNotFound if absent (the
 // message names the key), ErrWrongKind on a list.
 func (sd *StateDict) Find(key string) (int, error) {
-	ckey := C.CString(key)
-	defer C.free(unsafe.Pointer(ckey))
 	var out C.size_t
 	var e *C.dsd_error
-	err := wrap(C.dsd_state_dict_find(sdPtr(sd), ckey, &out, &e), e)
+	err := wrap(C.dsd_state_dict_find(sdPtr(sd), cstr(key), &out, &e), e)
 	runtime.KeepAlive(sd)
 	return int(out), err
 }
@@ -225,8 +223,7 @@ func (sd *StateDict) set(key string, appendToList bool,
 	call func(p *C.dsd_state_dict, key *C.char, e **C.dsd_error) C.dsd_status) error {
 	var ckey *C.char
 	if !appendToList {
-		ckey = C.CString(key)
-		defer C.free(unsafe.Pointer(ckey))
+		ckey = cstr(key)
 	}
 	var e *C.dsd_error
 	err := wrap(call(sdPtr(sd), ckey, &e), e)
@@ -289,8 +286,7 @@ func (sd *StateDict) SetString(key string, v string) error { return sd.setString
 func (sd *StateDict) AppendString(v string) error { return sd.setString("", true, v) }
 
 func (sd *StateDict) setString(key string, app bool, v string) error {
-	cv := C.CString(v) // the C function copies it; CString because Go 1.19 has no StringData
-	defer C.free(unsafe.Pointer(cv))
+	cv := cstr(v) // copied by the C function
 	return sd.set(key, app, func(p *C.dsd_state_dict, k *C.char, e **C.dsd_error) C.dsd_status {
 		return C.dsd_state_dict_set_string(p, k, cv, C.size_t(len(v)), e)
 	})

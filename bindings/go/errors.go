@@ -89,6 +89,10 @@ func CodeOf(err error) Status {
 	if errors.As(err, &de) {
 		return de.Code
 	}
+	var st Status
+	if errors.As(err, &st) {
+		return st
+	}
 	return ErrInternal
 }
 

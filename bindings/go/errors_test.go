@@ -27,7 +27,8 @@ func TestErrorsCarryCodeNameMessage(t *testing.T) {
 	if !errors.Is(err, dsd.ErrNotFound) || errors.Is(err, dsd.ErrWrongKind) {
 		t.Fatalf("errors.Is does not follow the code")
 	}
-	if dsd.CodeOf(err) != dsd.ErrNotFound || dsd.CodeOf(nil) != dsd.OK || dsd.CodeOf(fmt.Errorf("x: %w", err)) != dsd.ErrNotFound {
+	if dsd.CodeOf(err) != dsd.ErrNotFound || dsd.CodeOf(nil) != dsd.OK || dsd.CodeOf(fmt.Errorf("x: %w", err)) != dsd.ErrNotFound ||
+		dsd.CodeOf(fmt.Errorf("x: %w", dsd.ErrExists)) != dsd.ErrExists || dsd.CodeOf(errors.New("x")) != dsd.ErrInternal {
 		t.Fatalf("CodeOf")
 	}
 	if !strings.HasPrefix(err.Error(), "dsd: not_found: ") {

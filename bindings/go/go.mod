@@ -1,0 +1,3 @@
+module dsd.dev/dsd
+
+go 1.19

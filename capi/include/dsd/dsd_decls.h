@@ -171,9 +171,9 @@ typedef void (*dsd_release_fn)(void* user_data);
  * contiguous row-major), elements of `dtype` on `device`. Borrows `data`; `release` (may be
  * NULL) is called once with `user_data` when dsd lets go of it, also if this call fails.
  * Without `release` the caller keeps the memory alive while any dsd object refers to it.
- * Returns DSD_E_INVALID_ARGUMENT (NULL data with elements, negative sizes, NULL shape with
- * ndim > 0), DSD_E_DTYPE_MISMATCH (unknown dtype), DSD_E_DEVICE, DSD_E_UNSUPPORTED
- * (negative strides). */
+ * Returns DSD_E_INVALID_ARGUMENT (NULL data with elements, NULL shape with ndim > 0,
+ * negative ndim), DSD_E_SHAPE_MISMATCH (a negative size), DSD_E_DTYPE_MISMATCH (unknown
+ * dtype), DSD_E_DEVICE, DSD_E_UNSUPPORTED (negative strides). */
 dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
                                 const int64_t* strides, dsd_device device, bool read_only,
                                 dsd_release_fn release, void* user_data, dsd_tensor* out,

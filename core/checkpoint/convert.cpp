@@ -133,7 +133,16 @@ Result<std::string> state_metadata(const StateReader& reader) {
     if (it.kind == Entry::Kind::kValue) value = TRY(value_to_json(TRY(reader.read_value(i)), it.key));
     entries.push_back(json::array({it.key, std::move(path), std::move(value)}));
   }
-  return json{{"entries", std::move(entries)}}.dump();
+  json int_key_dicts = json::array();
+  for (const auto& items : reader.int_key_dicts()) {
+    json path = json::array();
+    for (const PathItem& p : items) {
+      if (const auto* s = std::get_if<std::string>(&p)) path.push_back(*s);
+      else path.push_back(std::get<int64_t>(p));
+    }
+    int_key_dicts.push_back(std::move(path));
+  }
+  return json{{"entries", std::move(entries)}, {"int_key_dicts", std::move(int_key_dicts)}}.dump();
 }
 
 Status write_shard(const StateReader& reader, const std::string& dir, const Shard& shard, const std::string& state,
@@ -229,6 +238,14 @@ Status export_safetensors(const StateReader& reader, const std::string& dir, con
       if (n == kHfIndexName || n.ends_with(".safetensors") || n == kManifestName || n == kDcpMetadataName) {
         return make_error_at(Code::kExists, dir, "'{}' already holds '{}'; pass overwrite to replace it", dir, n);
       }
+    }
+  }
+  for (const ItemInfo& it : reader.items()) {
+    // The safetensors library has no 128-bit complex dtype (C64 is its widest).
+    if (it.kind == Entry::Kind::kTensor && it.dtype == DType::kComplex128) {
+      return make_error_at(Code::kUnsupported, it.key,
+                           "'{}' is complex128, which safetensors files cannot hold (the library knows C64 at most)",
+                           it.key);
     }
   }
   const std::vector<Shard> shards = plan_shards(reader, options.max_shard_size);

@@ -65,6 +65,9 @@ class StateReader {
   int64_t world_size() const { return world_size_; }
   // Data files, in the directory of `path` (or `path` itself for one file).
   const std::vector<std::string>& files() const { return files_; }
+  // Paths of the nested dicts whose keys stand for ints (PyTorch's positional optimizer
+  // state {0: {...}}), so the nesting comes back with int keys.
+  const std::vector<std::vector<PathItem>>& int_key_dicts() const { return int_key_dicts_; }
   uint64_t tensor_bytes() const;
 
   // The tensor of item `index` as a full CPU tensor (new, or the reader's own for a file
@@ -87,6 +90,7 @@ class StateReader {
   std::vector<ItemInfo> items_;
   int64_t world_size_ = 1;
   std::vector<std::string> files_;
+  std::vector<std::vector<PathItem>> int_key_dicts_;
 };
 
 struct ConvertOptions {

@@ -73,6 +73,7 @@ class CheckpointReader final : public StateReader {
     r->format_ = r->src_.format;
     r->path_ = path;
     r->world_size_ = r->src_.manifest.world_size;
+    r->int_key_dicts_ = r->src_.manifest.int_key_dicts;
     for (const FileRecord& f : r->src_.manifest.files) r->files_.push_back(f.name);
     for (const Entry& e : r->src_.manifest.entries) {
       ItemInfo it;
@@ -97,21 +98,6 @@ class CheckpointReader final : public StateReader {
     return read_source_value(src_, src_.manifest.entries.at(index));
   }
 
-  Result<Skeleton> skeleton() const override {
-    Skeleton s = TRY(StateReader::skeleton());
-    for (const auto& items : src_.manifest.int_key_dicts) {
-      Dict* d = s.root.get();
-      if (!items.empty()) {
-        const Value* v = get_element(*s.root, to_path(items));
-        d = v ? v->if_dict() : nullptr;
-      }
-      if (d == nullptr) continue;
-      bool all_int = true;
-      for (const auto& e : *d) all_int = all_int && is_int_key(e.key);
-      if (all_int) d->set_int_keys(true);
-    }
-    return s;
-  }
 
  private:
   Source src_;
@@ -161,7 +147,26 @@ class TreeReader final : public StateReader {
   Result<Skeleton> skeleton() const override { return Skeleton{deep_copy(*owned_), {}}; }
 
  private:
+  void collect_int_key_dicts(const Value& v, std::vector<PathItem>& path) {
+    if (const Dict* d = v.if_dict()) {
+      if (d->int_keys()) int_key_dicts_.push_back(path);
+      for (const auto& e : *d) {
+        path.emplace_back(e.key);
+        collect_int_key_dicts(e.value, path);
+        path.pop_back();
+      }
+    } else if (const List* l = v.if_list()) {
+      for (size_t i = 0; i < l->size(); ++i) {
+        path.emplace_back(static_cast<int64_t>(i));
+        collect_int_key_dicts((*l)[i], path);
+        path.pop_back();
+      }
+    }
+  }
+
   Status index(const Dict& root) {
+    std::vector<PathItem> at;
+    collect_int_key_dicts(Value(owned_), at);
     FlatStateDict flat = TRY(flatten_state_dict(root, FlattenStyle::kCheckpoint));
     for (size_t i = 0; i < flat.flat->size(); ++i) {
       const std::string& key = flat.flat->key_at(i);
@@ -358,6 +363,19 @@ class SafetensorsReader final : public StateReader {
       locs.emplace_back();
       values.push_back(TRY(value_from_json(e[2], key)));
     }
+    if (j.contains("int_key_dicts")) {
+      if (!j["int_key_dicts"].is_array()) return bad("int_key_dicts is not an array");
+      for (const json& p : j["int_key_dicts"]) {
+        if (!p.is_array()) return bad("an int_key_dicts path is not an array");
+        std::vector<PathItem> path;
+        for (const json& x : p) {
+          if (x.is_string()) path.emplace_back(x.get<std::string>());
+          else if (x.is_number_integer()) path.emplace_back(x.get<int64_t>());
+          else return bad("an int_key_dicts path holds " + x.dump());
+        }
+        int_key_dicts_.push_back(std::move(path));
+      }
+    }
     for (const auto& [key, i] : by_key) {
       if (placed.count(key)) continue;
       items.push_back(items_[i]);
@@ -396,6 +414,17 @@ Result<StateReader::Skeleton> StateReader::skeleton() const {
     at::Tensor t = TRY(placeholder(it.dtype, it.shape));
     s.placeholders.emplace(t.unsafeGetTensorImpl(), i);
     TRY(set_element(*s.root, p, Value(std::move(t))));
+  }
+  for (const auto& items : int_key_dicts_) {
+    Dict* d = s.root.get();
+    if (!items.empty()) {
+      const Value* v = get_element(*s.root, to_path(items));
+      d = v ? v->if_dict() : nullptr;
+    }
+    if (d == nullptr) continue;
+    bool all_int = true;
+    for (const auto& e : *d) all_int = all_int && is_int_key(e.key);
+    if (all_int) d->set_int_keys(true);
   }
   return s;
 }

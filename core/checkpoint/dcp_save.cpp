@@ -108,8 +108,7 @@ Status write_file(const std::string& dir, const std::string& name, const RankPla
   }
   Appender app(f);
   std::vector<WrittenItem> items;
-  TorchSaveOptions tso;
-  tso.compute_crc32 = false;  // torch.load does not check it; a pass over the data saved
+  TorchSaveOptions tso;  // with CRC-32s, as torch.save writes them: `dsd verify` checks them
   for (const auto& [key, value] : values) {
     const uint64_t start = app.pos();
     Result<uint64_t> n = dcp::write_bytes_item(value, app.sink(), tso);

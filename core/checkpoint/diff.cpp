@@ -4,6 +4,7 @@
 #include <complex>
 #include <cstring>
 #include <mutex>
+#include <map>
 #include <unordered_map>
 
 #include "core/base/format.h"
@@ -13,6 +14,7 @@
 #include "core/checkpoint/load.h"
 #include "core/formats/safetensors.h"
 #include "core/formats/torch_save.h"
+#include "core/formats/zip_check.h"
 #include "core/tensor/dtype_torch.h"
 
 namespace dsd::checkpoint {
@@ -126,9 +128,36 @@ Result<std::vector<Problem>> verify_any(const std::string& path, const ProgressF
     return problems;
   }
   if (f == Format::kTorchSave) {
-    // Read whole: every record present, sized and in bounds, the pickle well formed.
-    Result<Value> v = torch_load(TorchArchive::file(path));
-    if (!v.ok()) problems.push_back({path, v.error().context, v.error().message});
+    // The pickle well formed, every record present, sized and in bounds (mapped, not read)...
+    std::multimap<std::string, std::string> keys_of;  // record -> tensor paths
+    TorchLoadOptions o;
+    o.mmap = true;
+    o.on_tensor = [&](const std::string& record, const std::string& where) { keys_of.emplace(record, where); };
+    Result<Value> v = torch_load(TorchArchive::file(path), o);
+    if (!v.ok()) {
+      problems.push_back({path, v.error().context, v.error().message});
+      return problems;
+    }
+    // ...and every record's CRC-32.
+    auto records = check_zip(path);
+    if (!records.ok()) {
+      problems.push_back({path, "", records.error().message});
+      return problems;
+    }
+    uint64_t total = 0;
+    for (const ZipRecordCheck& r : *records) total += r.size;
+    uint64_t done = 0;
+    for (const ZipRecordCheck& r : *records) {
+      done += r.size;
+      if (progress) progress(done, total);
+      if (r.crc_ok) continue;
+      const size_t slash = r.name.find('/');
+      const std::string record = slash == std::string::npos ? r.name : r.name.substr(slash + 1);
+      std::string keys;
+      for (auto [it, end] = keys_of.equal_range(record); it != end; ++it) keys += (keys.empty() ? "" : ", ") + it->second;
+      problems.push_back({path, keys, fmt::format("CRC-32 mismatch in record '{}'{} of '{}'", r.name,
+                                                  keys.empty() ? "" : fmt::format(" (tensor {})", keys), path)});
+    }
     return problems;
   }
   // safetensors: headers, index and data bounds are checked on open; then every tensor is read.

@@ -20,6 +20,7 @@
 #include "core/checkpoint/pool.h"
 #include "core/checkpoint/source.h"
 #include "core/checkpoint/value_json.h"
+#include "core/formats/zip_check.h"
 #include "core/dist/layout.h"
 #include "core/statedict/flatten.h"
 #include "core/tensor/dtype_torch.h"
@@ -567,9 +568,26 @@ std::optional<std::string> coverage_problem(const Entry& e) {
   return std::nullopt;
 }
 
-// A DCP checkpoint has no checksums of its own: every chunk must be located inside its
-// archive and match the metadata, its bytes must all be readable, every value must parse,
-// and the chunks of each tensor must tile it.
+// The CRC-32 of every record of one DCP item (a torch.save archive inside a `.distcp` file).
+template <class Report>
+void check_item_crcs(const std::string& path, const std::string& file, uint64_t offset, uint64_t length,
+                     const Entry& e, const std::string& what, Report&& report) {
+  auto records = check_zip(path, offset, length);
+  if (!records.ok()) {
+    report(file, e, fmt::format("{}: {}", what, records.error().message));
+    return;
+  }
+  for (const ZipRecordCheck& r : *records) {
+    if (!r.crc_ok) {
+      report(file, e, fmt::format("CRC-32 mismatch in record '{}' of {} in data file '{}' (bytes [{}, {}))", r.name,
+                                  what, file, offset + r.offset, offset + r.offset + r.size));
+    }
+  }
+}
+
+// A DCP checkpoint has no checksums of its own beyond the zip CRC-32s of its items: every
+// chunk must be located inside its archive and match the metadata, every record's CRC-32
+// must match its bytes, every value must parse, and the chunks of each tensor must tile it.
 Result<std::vector<VerifyProblem>> verify_dcp(const Source& src, int thread_count,
                                               const std::function<void(uint64_t, uint64_t)>& progress) {
   uint64_t total = 0;
@@ -600,8 +618,11 @@ Result<std::vector<VerifyProblem>> verify_dcp(const Source& src, int thread_coun
       progress(done, total);
     }
     if (c == nullptr) {
+      const dcp::StorageInfo& info = src.dcp->values.at(e->key);
       auto v = read_source_value(src, *e);
-      if (!v.ok()) report(src.dcp->values.at(e->key).relative_path, *e, v.error().message);
+      if (!v.ok()) report(info.relative_path, *e, v.error().message);
+      else check_item_crcs(join(src.dir, info.relative_path), info.relative_path, static_cast<uint64_t>(info.offset),
+                           static_cast<uint64_t>(info.length), *e, fmt::format("value '{}'", e->key), report);
       return ok();
     }
     auto located = locate_dcp_chunk(src, *e, *c);
@@ -609,22 +630,8 @@ Result<std::vector<VerifyProblem>> verify_dcp(const Source& src, int thread_coun
       report(c->file, *e, located.error().message);
       return ok();
     }
-    if (located->tensor.defined()) return ok();  // read whole already
-    auto f = open_for_read(join(src.dir, c->file));
-    if (!f.ok()) {
-      report(c->file, *e, f.error().message);
-      return ok();
-    }
-    constexpr uint64_t kPiece = 4u << 20;
-    std::vector<char> buf(static_cast<size_t>(std::min(kPiece, std::max<uint64_t>(1, located->end - located->begin))));
-    for (uint64_t off = located->begin; off < located->end; off += kPiece) {
-      Status s = pread_all(*f, buf.data(), std::min(kPiece, located->end - off), off);
-      if (!s.ok()) {
-        report(c->file, *e, fmt::format("chunk {} of '{}': {}", Chunk{c->offsets, c->sizes}.str(), e->key,
-                                        s.error().message));
-        return ok();
-      }
-    }
+    check_item_crcs(join(src.dir, c->file), c->file, c->begin, c->nbytes(), *e,
+                    fmt::format("chunk {} of '{}'", Chunk{c->offsets, c->sizes}.str(), e->key), report);
     return ok();
   }));
   return problems;

@@ -508,6 +508,7 @@ class Loader {
   }
 
   Result<at::Tensor> tensor(const TensorCall& c, const std::string& where) {
+    if (options_.on_tensor) options_.on_tensor("data/" + c.storage.key, where);
     at::Storage storage = TRY(load_storage(c.storage, where));
     const uint64_t extent = TRY(tensor_extent_bytes(c));
     if (extent > storage.nbytes()) {

@@ -68,6 +68,9 @@ struct TorchLoadOptions {
   // file (what torch.save writes): large files then cost address space and page cache, not
   // memory. Other records are read as usual. Only for file archives.
   bool mmap = false;
+  // Called for each tensor with the name of its storage record ("data/<key>") and its path
+  // in the tree ("model.layer.weight"): `dsd verify` names the keys of a damaged record.
+  std::function<void(const std::string& record, const std::string& where)> on_tensor;
 };
 
 Result<Value> torch_load(const TorchArchive& archive, const TorchLoadOptions& options = {});

@@ -21,6 +21,7 @@
 #include "core/dist/layout.h"
 #include "core/dist/mesh.h"
 #include "core/formats/torch_save.h"
+#include "core/formats/zip_check.h"
 #include "core/tensor/dtype_torch.h"
 
 namespace dsd::checkpoint {
@@ -199,6 +200,36 @@ TEST_F(ConvertTest, TorchLoadMapsStoragesCopyOnWrite) {
   got.fill_(0.0);  // private mapping: the file is untouched
   Value again = MUST(torch_load(TorchArchive::file(tmp.sub("m.pt"))));
   EXPECT_TRUE(tensor_bitwise_equal(again.if_dict()->find("w")->if_tensor()->tensor, w));
+}
+
+TEST_F(ConvertTest, ZipCrcsOfTorchSaveFiles) {
+  EXPECT_EQ(crc32("123456789", 9), 0xCBF43926u);
+  EXPECT_EQ(crc32("56789", 5, crc32("1234", 4)), 0xCBF43926u);
+  DictPtr sd = Dict::make();
+  sd->set("w", Value(at::arange(4096, at::kFloat)));
+  ASSERT_TRUE(torch_save(Value(sd), tmp.sub("w.pt")).ok());
+  auto records = MUST(check_zip(tmp.sub("w.pt")));
+  ASSERT_GE(records.size(), 5u);
+  for (const auto& r : records) EXPECT_TRUE(r.crc_ok) << r.name;
+  const auto data = std::find_if(records.begin(), records.end(), [](const auto& r) { return r.name.ends_with("/data/0"); });
+  ASSERT_NE(data, records.end());
+  EXPECT_EQ(data->size, 4096u * 4);
+  {
+    std::fstream f(tmp.sub("w.pt"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(data->offset + 100));
+    f.put('\x7f');
+  }
+  records = MUST(check_zip(tmp.sub("w.pt")));
+  for (const auto& r : records) EXPECT_EQ(r.crc_ok, !r.name.ends_with("/data/0")) << r.name;
+  auto problems = MUST(verify_any(tmp.sub("w.pt")));
+  ASSERT_EQ(problems.size(), 1u);
+  EXPECT_EQ(problems[0].key, "w");
+  // Not a zip at all.
+  std::ofstream(tmp.sub("junk.pt")) << "PK\x03\x04 but nothing else, not even a directory";
+  auto junk = check_zip(tmp.sub("junk.pt"));
+  ASSERT_FALSE(junk.ok());
+  EXPECT_EQ(junk.error().code, Code::kCorrupt);
+  EXPECT_THAT(junk.error().message, HasSubstr("no end of central directory"));
 }
 
 }  // namespace

@@ -104,6 +104,32 @@ def test_verify_intact_and_damaged(tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     assert chunk["file"] in p.stdout and "'w'" in p.stdout
     assert p.stderr.startswith("dsd: ") and p.stderr.count("\n") == 1
+    # Flipped bits in torch.save files and DCP items (written by PyTorch or by dsd) are caught
+    # by the zip CRC-32 of their records, which torch.load itself never checks.
+    w_bytes = sd["w"].numpy().tobytes()[4000:4032]
+
+    def flip(path):
+        raw = bytearray(path.read_bytes())
+        at = raw.find(w_bytes)
+        assert at > 0
+        raw[at + 3] ^= 0x01
+        path.write_bytes(bytes(raw))
+
+    torch.save(sd, tmp_path / "sd.pt")
+    ok("verify", tmp_path / "sd.pt")
+    flip(tmp_path / "sd.pt")
+    torch.load(tmp_path / "sd.pt")  # PyTorch does not notice
+    p = run("verify", tmp_path / "sd.pt")
+    assert p.returncode == 1 and "CRC-32 mismatch" in p.stdout and "(tensor w)" in p.stdout, p.stdout + p.stderr
+    dcp.save(sd, checkpoint_id=tmp_path / "flip_pt")
+    dsd.save(sd, tmp_path / "flip_dsd", format="dcp")
+    for ck in (tmp_path / "flip_pt", tmp_path / "flip_dsd"):
+        ok("verify", ck)
+        data = next(f for f in ck.glob("*.distcp") if w_bytes in f.read_bytes())
+        flip(data)
+        p = run("verify", ck)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert p.stdout.startswith(f"{data.name}: w: CRC-32 mismatch"), p.stdout
     # A DCP checkpoint whose data file lost its tail.
     dcp.save(sd, checkpoint_id=tmp_path / "dcp")
     f = tmp_path / "dcp" / "__0_0.distcp"

@@ -221,3 +221,30 @@ def test_dcp_verify_and_bad_metadata(tmp_path, dcp_world1):
     assert e.value.code_name == "corrupt" and "__0_0.distcp" in str(e.value) and "'w'" in str(e.value)
     with pytest.raises(dsd.Error, match="__0_0.distcp"):
         dsd.verify(ckpt)
+
+
+def test_save_options_format_field_and_old_struct_sizes(tmp_path):
+    from dsd import ffi, lib
+    sd = {"a": torch.arange(4.0)}
+    dsd.save(sd, tmp_path / "async_ck", format="dcp")  # and asynchronously:
+    dsd.async_save(sd, tmp_path / "async", format="dcp").result(timeout=60)
+    assert dsd.detect_format(tmp_path / "async") == "dcp"
+    assert torch.equal(dsd.load_full(tmp_path / "async")["a"], sd["a"])
+    o = ffi.new("dsd_save_options*")
+    lib.dsd_save_options_init(o)
+    assert o.format == lib.DSD_FORMAT_DSD and o.struct_size == ffi.sizeof("dsd_save_options")
+    # A caller built against the header before `format` existed passes a smaller struct: the
+    # field is not read, the default (dsd) applies.
+    o.format = lib.DSD_FORMAT_DCP
+    o.struct_size = ffi.offsetof("dsd_save_options", "format")
+    tree = dsd.StateDict.from_python(sd)
+    err = ffi.new("dsd_error**")
+    assert lib.dsd_save(ffi.NULL, tree.ptr, str(tmp_path / "old").encode(), o, err) == lib.DSD_OK
+    assert dsd.detect_format(tmp_path / "old") == "dsd"
+    o.struct_size = ffi.sizeof("dsd_save_options")
+    o.format = lib.DSD_FORMAT_TORCH
+    assert lib.dsd_save(ffi.NULL, tree.ptr, str(tmp_path / "bad").encode(), o, err) == lib.DSD_E_INVALID_ARGUMENT
+    assert "is not DSD_FORMAT_DSD or DSD_FORMAT_DCP" in ffi.string(lib.dsd_error_message(err[0])).decode()
+    lib.dsd_error_free(err[0])
+    with pytest.raises(ValueError, match="unknown format 'zip'"):
+        dsd.save(sd, tmp_path / "zip", format="zip")

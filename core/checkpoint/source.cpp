@@ -216,6 +216,8 @@ Result<Source> open_source(const std::string& path) {
   if (!path_exists(join(path, kManifestName))) {
     auto dcp = TRY(open_dcp(path));
     if (dcp) return std::move(*dcp);
+    return make_error_at(Code::kNotFound, path, "no checkpoint at '{}' (no {}, no DCP {})", path, kManifestName,
+                         kDcpMetadataName);
   }
   Source s;
   s.format = Format::kDsd;

@@ -17,6 +17,7 @@
 #include "core/checkpoint/format.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load.h"
+#include "core/checkpoint/manager.h"
 #include "core/checkpoint/save.h"
 #include "core/checkpoint/source.h"
 #include "core/dist/layout.h"
@@ -281,6 +282,23 @@ TEST_F(DcpCheckpointTest, UnknownSaveFormatIsRefused) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code, Code::kInvalidArgument);
   EXPECT_THAT(r.error().message, HasSubstr("dsd or dcp, not torch"));
+}
+
+TEST_F(DcpCheckpointTest, ManagerKeepsDcpSteps) {
+  CheckpointManager manager(tmp.sub("steps"), 2);
+  SaveOptions so;
+  so.format = Format::kDcp;
+  for (int64_t step : {1, 2, 3}) {
+    DictPtr sd = Dict::make();
+    sd->set("a", Value(at::full({3}, static_cast<double>(step))));
+    ASSERT_TRUE(manager.save(*comm, *sd, step, so).ok());
+  }
+  EXPECT_EQ(MUST(manager.latest_step()), 3);
+  EXPECT_FALSE(path_exists(tmp.sub("steps/step_1")));
+  DictPtr dst = Dict::make();
+  dst->set("a", Value(at::zeros({3})));
+  EXPECT_EQ(MUST(manager.load_latest(*comm, *dst)), 3);
+  EXPECT_TRUE(tensor_bitwise_equal(dst->find("a")->if_tensor()->tensor, at::full({3}, 3.0)));
 }
 
 }  // namespace

@@ -373,6 +373,7 @@ int main(int argc, char** argv) {
                "safetensors)."};
   app.footer(kExitCodesHelp);
   app.require_subcommand(1);
+  app.fallthrough();  // --progress / --quiet also after the subcommand
   Global g;
   app.add_flag("--progress", g.progress, "Draw the progress bar even when stderr is not a terminal");
   app.add_flag("-q,--quiet", g.quiet, "No progress bar, no summary line");

@@ -175,6 +175,8 @@ def test_diff_reports_every_kind_of_difference(tmp_path):
 def test_progress_bar_and_quiet(tmp_path, sources):
     p = ok("--progress", "convert", sources["dsd"], tmp_path / "out.pt", "--to", "torch")
     assert "convert [" in p.stderr and "%" in p.stderr and "/s" in p.stderr
+    p = ok("diff", sources["dsd"], tmp_path / "out.pt", "--progress")  # also after the subcommand
+    assert "diff [" in p.stderr and "100%" in p.stderr
     p = ok("--quiet", "convert", sources["dsd"], tmp_path / "out2.pt", "--to", "torch")
     assert p.stderr == "" and p.stdout == ""
     p = ok("convert", sources["dsd"], tmp_path / "out3.pt", "--to", "torch")

@@ -47,6 +47,13 @@ Result<checkpoint::SaveOptions> save_options(const dsd_save_options* o) {
   if (has_field(o, offsetof(dsd_save_options, save_to_lowest_rank) + sizeof(bool))) out.save_to_lowest_rank = o->save_to_lowest_rank;
   if (has_field(o, offsetof(dsd_save_options, sync_files) + sizeof(bool))) out.sync_files = o->sync_files;
   if (has_field(o, offsetof(dsd_save_options, block_size) + sizeof(uint64_t))) out.block_size = o->block_size;
+  if (has_field(o, offsetof(dsd_save_options, format) + sizeof(int32_t))) {
+    const auto f = checkpoint::format_from_code(o->format);
+    if (!f || (*f != checkpoint::Format::kDsd && *f != checkpoint::Format::kDcp)) {
+      return make_error(Code::kInvalidArgument, "options->format {} is not DSD_FORMAT_DSD or DSD_FORMAT_DCP", o->format);
+    }
+    out.format = *f;
+  }
   if (out.thread_count < 0) return make_error(Code::kInvalidArgument, "options->thread_count {} is negative", out.thread_count);
   return out;
 }
@@ -112,7 +119,8 @@ void dsd_save_options_init(dsd_save_options* options) {
   if (options == nullptr) return;
   const dsd::checkpoint::SaveOptions d;
   *options = dsd_save_options{sizeof(dsd_save_options), d.overwrite, d.thread_count,
-                              d.save_to_lowest_rank, d.sync_files, d.block_size};
+                              d.save_to_lowest_rank, d.sync_files, d.block_size,
+                              static_cast<int32_t>(d.format)};
 }
 
 void dsd_load_options_init(dsd_load_options* options) {

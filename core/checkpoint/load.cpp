@@ -5,8 +5,10 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -16,7 +18,9 @@
 #include "core/checkpoint/chunk_hash.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/pool.h"
+#include "core/checkpoint/source.h"
 #include "core/checkpoint/value_json.h"
+#include "core/formats/zip_check.h"
 #include "core/dist/layout.h"
 #include "core/statedict/flatten.h"
 #include "core/tensor/dtype_torch.h"
@@ -39,6 +43,9 @@ struct ChunkRead {
   const Entry* entry;
   const ChunkRecord* chunk;
   std::vector<Run> runs;  // sorted by src, disjoint
+  // The whole saved chunk, already in memory (a DCP chunk that cannot be read raw): the runs
+  // are copied from it instead of read from the file.
+  at::Tensor memory;
 };
 
 struct Unit {
@@ -140,11 +147,19 @@ class Reader {
     reads_.push_back(std::move(r));
   }
 
+  // Keeps a chunk record made during planning (a DCP chunk's located raw range) alive for
+  // the reads that point at it.
+  const ChunkRecord* keep(ChunkRecord r) { return &kept_.emplace_back(std::move(r)); }
+
   Status run(int threads, uint64_t& bytes_read) {
     std::vector<Unit> units;
     const uint64_t blocks_per_unit = std::max<uint64_t>(1, kUnitBytes / block_size_);
     for (size_t i = 0; i < reads_.size(); ++i) {
       const ChunkRead& r = reads_[i];
+      if (r.memory.defined()) {
+        units.push_back({i, 0, 1});
+        continue;
+      }
       const uint64_t first = r.runs.front().src / block_size_;
       const Run& last = r.runs.back();
       const uint64_t end = (last.src + last.len + block_size_ - 1) / block_size_;
@@ -181,6 +196,11 @@ class Reader {
   }
 
   Status read_unit(const ChunkRead& r, const Unit& u, char* bounce, uint64_t& bytes) const {
+    if (r.memory.defined()) {
+      const char* src = static_cast<const char*>(r.memory.const_data_ptr());
+      for (const Run& run : r.runs) std::memcpy(run.dst, src + run.src, run.len);
+      return ok();
+    }
     const File& f = files_.at(r.chunk->file);
     const uint64_t chunk_len = r.chunk->nbytes();
     auto run_it = std::upper_bound(r.runs.begin(), r.runs.end(), u.first_block * block_size_,
@@ -229,6 +249,7 @@ class Reader {
   bool verify_;
   std::unordered_map<std::string, File> files_;
   std::vector<ChunkRead> reads_;
+  std::deque<ChunkRecord> kept_;
 };
 
 bool chunks_intersect(const ChunkRecord& saved, const Chunk& local) {
@@ -241,18 +262,46 @@ bool chunks_intersect(const ChunkRecord& saved, const Chunk& local) {
   return true;
 }
 
-Status plan_target_reads(const Manifest& m, const Entry& e, Target& t, Reader& reader) {
-  const uint64_t esize = element_size(e.dtype);
-  if (t.local.numel() == 0) return ok();
+// A saved chunk some local target overlaps.
+struct Need {
+  const Entry* entry;
+  const ChunkRecord* chunk;
+  const Target* target;
+};
+
+void collect_needs(const Entry& e, const Target& t, std::vector<Need>& needs) {
+  if (t.local.numel() == 0) return;
   for (const ChunkRecord& c : e.chunks) {
-    if (c.nbytes() == 0 || !chunks_intersect(c, t.local)) continue;
-    uint64_t fsize = 0;
-    for (const FileRecord& f : m.files) {
-      if (f.name == c.file) fsize = f.size;
+    if (Chunk{c.offsets, c.sizes}.numel() == 0 || !chunks_intersect(c, t.local)) continue;
+    needs.push_back({&e, &c, &t});
+  }
+}
+
+// Turns the needed chunks into reads: dsd chunks as they are; DCP chunks once located inside
+// their torch.save archives (in parallel: each one opens its archive).
+Status add_reads(const Source& src, const std::vector<Need>& needs, int threads, Reader& reader) {
+  std::vector<LocatedChunk> located(src.is_dsd() ? 0 : needs.size());
+  if (!src.is_dsd()) {
+    TRY(parallel_for(needs.size(), threads, [&](size_t i) -> Status {
+      located[i] = TRY(locate_dcp_chunk(src, *needs[i].entry, *needs[i].chunk));
+      return ok();
+    }));
+  }
+  std::unordered_map<std::string_view, uint64_t> file_sizes;
+  for (const FileRecord& f : src.manifest.files) file_sizes[f.name] = f.size;
+  for (size_t i = 0; i < needs.size(); ++i) {
+    const Need& n = needs[i];
+    const uint64_t esize = element_size(n.entry->dtype);
+    ChunkRead r{n.entry, n.chunk, {}, {}};
+    if (!src.is_dsd()) {
+      ChunkRecord raw = *n.chunk;
+      raw.begin = located[i].begin;
+      raw.end = located[i].end;
+      r.chunk = reader.keep(std::move(raw));
+      r.memory = std::move(located[i].tensor);
     }
-    TRY(reader.open(c.file, fsize));
-    ChunkRead r{&e, &c, {}};
-    add_runs(c, t.local, t.base, esize, r.runs);
+    if (!r.memory.defined()) TRY(reader.open(r.chunk->file, file_sizes[r.chunk->file]));
+    add_runs(*r.chunk, n.target->local, n.target->base, esize, r.runs);
     reader.add(std::move(r));
   }
   return ok();
@@ -341,8 +390,9 @@ struct LoadPlan {
   std::vector<std::pair<Path, Value>> values;
 };
 
-Result<LoadPlan> plan_load(const Manifest& m, Dict& sd, const std::string& path,
+Result<LoadPlan> plan_load(const Source& src, Dict& sd, const std::string& path,
                            const LoadOptions& opt, Reader& reader, LoadReport& report) {
+  const Manifest& m = src.manifest;
   FlatStateDict flat = TRY(flatten_state_dict(sd, FlattenStyle::kCheckpoint));
   auto entries = index_entries(m);
   std::unordered_set<std::string_view> seen;
@@ -371,16 +421,45 @@ Result<LoadPlan> plan_load(const Manifest& m, Dict& sd, const std::string& path,
                            "'{}' is a {} in the state dict but a tensor in the checkpoint", key,
                            kind_name(v.kind()));
     }
-    plan.values.emplace_back(flat.mapping[i].second, TRY(value_from_json(e.value, key)));
+    plan.values.emplace_back(flat.mapping[i].second, TRY(read_source_value(src, e)));
   }
   for (const Entry& e : m.entries) {
     if (!seen.count(e.key)) report.unexpected_keys.push_back(e.key);
   }
-  for (Target& t : plan.targets) TRY(plan_target_reads(m, *entries.at(t.key), t, reader));
+  std::vector<Need> needs;
+  for (const Target& t : plan.targets) collect_needs(*entries.at(t.key), t, needs);
+  TRY(add_reads(src, needs, default_threads(opt.thread_count, 8), reader));
   return plan;
 }
 
+// A new full CPU tensor for a saved entry, read straight into.
+Result<Target> full_target(const Entry& e) {
+  Target tg;
+  tg.key = e.key;
+  tg.tensor = TRY(torch_call(Code::kOutOfMemory, fmt::format("allocating '{}'", e.key), [&] {
+    return at::empty(e.shape, at::TensorOptions().dtype(to_scalar_type(e.dtype)));
+  }));
+  tg.local = Chunk{std::vector<int64_t>(e.shape.size(), 0), e.shape};
+  tg.base = static_cast<char*>(tg.tensor.data_ptr());
+  return tg;
+}
+
 }  // namespace
+
+Result<at::Tensor> read_full_tensor(const Source& source, const Entry& entry, const LoadOptions& options) {
+  if (entry.kind != Entry::Kind::kTensor) {
+    return make_error_at(Code::kWrongKind, entry.key, "'{}' is a non-tensor value, not a tensor", entry.key);
+  }
+  Reader reader(source.dir, source.manifest.block_size, options.verify && source.is_dsd());
+  const Target tg = TRY(full_target(entry));
+  std::vector<Need> needs;
+  collect_needs(entry, tg, needs);
+  const int threads = default_threads(options.thread_count, 8);
+  TRY(add_reads(source, needs, threads, reader));
+  uint64_t bytes = 0;
+  TRY(reader.run(threads, bytes));
+  return tg.tensor;
+}
 
 Result<Manifest> read_manifest(const std::string& path) {
   const std::string file = join(path, kManifestName);
@@ -394,10 +473,10 @@ Result<Manifest> read_manifest(const std::string& path) {
 Result<LoadReport> load(Communicator& comm, Dict& state_dict, const std::string& path,
                         const LoadOptions& options) {
   LoadReport report;
-  auto manifest = read_manifest(path);
-  TRY(agree(comm, manifest.ok() ? ok() : Status(manifest.error())));
-  Reader reader(path, manifest->block_size, options.verify);
-  auto plan = plan_load(*manifest, state_dict, path, options, reader, report);
+  auto source = open_source(path);
+  TRY(agree(comm, source.ok() ? ok() : Status(source.error())));
+  Reader reader(path, source->manifest.block_size, options.verify && source->is_dsd());
+  auto plan = plan_load(*source, state_dict, path, options, reader, report);
   TRY(agree(comm, plan.ok() ? ok() : Status(plan.error())));
   Status st = reader.run(default_threads(options.thread_count, 8), report.bytes_read);
   if (st.ok()) st = finish_targets(plan->targets);
@@ -408,7 +487,8 @@ Result<LoadReport> load(Communicator& comm, Dict& state_dict, const std::string&
 
 Result<DictPtr> load_full(const std::string& path, std::span<const std::string> keys,
                           const LoadOptions& options) {
-  const Manifest m = TRY(read_manifest(path));
+  const Source src = TRY(open_source(path));
+  const Manifest& m = src.manifest;
   std::unordered_set<std::string_view> wanted(keys.begin(), keys.end());
   std::unordered_set<std::string_view> matched;
   auto include = [&](const Entry& e) {
@@ -429,34 +509,30 @@ Result<DictPtr> load_full(const std::string& path, std::span<const std::string> 
     }
     return any;
   };
-  Reader reader(path, m.block_size, options.verify);
+  Reader reader(path, m.block_size, options.verify && src.is_dsd());
   DictPtr out = Dict::make();
-  std::vector<Target> targets;
+  std::deque<Target> targets;
+  std::vector<Need> needs;
   for (const Entry& e : m.entries) {
     if (!include(e)) continue;
     const Path p = to_path(e.path);
     if (e.kind == Entry::Kind::kValue) {
-      TRY(set_element(*out, p, TRY(value_from_json(e.value, e.key))));
+      TRY(set_element(*out, p, TRY(read_source_value(src, e))));
       continue;
     }
-    at::Tensor t = TRY(torch_call(Code::kOutOfMemory, fmt::format("allocating '{}'", e.key), [&] {
-      return at::empty(e.shape, at::TensorOptions().dtype(to_scalar_type(e.dtype)));
-    }));
-    Target tg;
-    tg.key = e.key;
-    tg.tensor = t;
-    tg.local = Chunk{std::vector<int64_t>(e.shape.size(), 0), e.shape};
-    tg.base = static_cast<char*>(t.data_ptr());
-    TRY(plan_target_reads(m, e, tg, reader));
-    TRY(set_element(*out, p, Value(t)));
+    Target& tg = targets.emplace_back(TRY(full_target(e)));
+    collect_needs(e, tg, needs);
+    TRY(set_element(*out, p, Value(tg.tensor)));
   }
   for (const std::string& k : keys) {
     if (!matched.count(k)) {
       return make_error_at(Code::kNotFound, k, "key '{}' matches nothing in checkpoint '{}'", k, path);
     }
   }
+  const int threads = default_threads(options.thread_count, 8);
+  TRY(add_reads(src, needs, threads, reader));
   uint64_t bytes = 0;
-  TRY(reader.run(default_threads(options.thread_count, 8), bytes));
+  TRY(reader.run(threads, bytes));
   for (const auto& items : m.int_key_dicts) {
     Dict* d = out.get();
     if (!items.empty()) {
@@ -471,8 +547,108 @@ Result<DictPtr> load_full(const std::string& path, std::span<const std::string> 
   return out;
 }
 
-Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count) {
-  const Manifest m = TRY(read_manifest(path));
+namespace {
+
+// Whether the chunks of a tensor tile it: every element saved exactly once.
+std::optional<std::string> coverage_problem(const Entry& e) {
+  int64_t covered = 0;
+  for (size_t i = 0; i < e.chunks.size(); ++i) {
+    const Chunk a{e.chunks[i].offsets, e.chunks[i].sizes};
+    covered += a.numel();
+    if (a.numel() == 0) continue;
+    for (size_t k = i + 1; k < e.chunks.size(); ++k) {
+      if (Chunk{e.chunks[k].offsets, e.chunks[k].sizes}.numel() != 0 && chunks_intersect(e.chunks[k], a)) {
+        return fmt::format("chunks {} and {} of '{}' overlap", a.str(),
+                           Chunk{e.chunks[k].offsets, e.chunks[k].sizes}.str(), e.key);
+      }
+    }
+  }
+  const int64_t numel = Chunk{std::vector<int64_t>(e.shape.size(), 0), e.shape}.numel();
+  if (covered != numel) return fmt::format("the chunks of '{}' cover {} of its {} elements", e.key, covered, numel);
+  return std::nullopt;
+}
+
+// The CRC-32 of every record of one DCP item (a torch.save archive inside a `.distcp` file).
+template <class Report>
+void check_item_crcs(const std::string& path, const std::string& file, uint64_t offset, uint64_t length,
+                     const Entry& e, const std::string& what, Report&& report) {
+  auto records = check_zip(path, offset, length);
+  if (!records.ok()) {
+    report(file, e, fmt::format("{}: {}", what, records.error().message));
+    return;
+  }
+  for (const ZipRecordCheck& r : *records) {
+    if (!r.crc_ok) {
+      report(file, e, fmt::format("CRC-32 mismatch in record '{}' of {} in data file '{}' (bytes [{}, {}))", r.name,
+                                  what, file, offset + r.offset, offset + r.offset + r.size));
+    }
+  }
+}
+
+// A DCP checkpoint has no checksums of its own beyond the zip CRC-32s of its items: every
+// chunk must be located inside its archive and match the metadata, every record's CRC-32
+// must match its bytes, every value must parse, and the chunks of each tensor must tile it.
+Result<std::vector<VerifyProblem>> verify_dcp(const Source& src, int thread_count,
+                                              const std::function<void(uint64_t, uint64_t)>& progress) {
+  uint64_t total = 0;
+  uint64_t done = 0;
+  for (const Entry& e : src.manifest.entries) {
+    for (const ChunkRecord& c : e.chunks) total += c.nbytes();
+  }
+  std::vector<std::pair<const Entry*, const ChunkRecord*>> items;
+  std::mutex mu;
+  std::vector<VerifyProblem> problems;
+  auto report = [&](std::string file, const Entry& e, std::string msg) {
+    std::lock_guard<std::mutex> lock(mu);
+    problems.push_back({std::move(file), e.key, std::move(msg)});
+  };
+  for (const Entry& e : src.manifest.entries) {
+    if (e.kind == Entry::Kind::kValue) {
+      items.emplace_back(&e, nullptr);
+      continue;
+    }
+    if (auto p = coverage_problem(e)) report(e.chunks.empty() ? std::string(kDcpMetadataName) : e.chunks[0].file, e, *p);
+    for (const ChunkRecord& c : e.chunks) items.emplace_back(&e, &c);
+  }
+  TRY(parallel_for(items.size(), default_threads(thread_count, 8), [&](size_t i) -> Status {
+    const auto [e, c] = items[i];
+    if (c != nullptr && progress) {
+      std::lock_guard<std::mutex> lock(mu);
+      done += c->nbytes();
+      progress(done, total);
+    }
+    if (c == nullptr) {
+      const dcp::StorageInfo& info = src.dcp->values.at(e->key);
+      auto v = read_source_value(src, *e);
+      if (!v.ok()) report(info.relative_path, *e, v.error().message);
+      else check_item_crcs(join(src.dir, info.relative_path), info.relative_path, static_cast<uint64_t>(info.offset),
+                           static_cast<uint64_t>(info.length), *e, fmt::format("value '{}'", e->key), report);
+      return ok();
+    }
+    auto located = locate_dcp_chunk(src, *e, *c);
+    if (!located.ok()) {
+      report(c->file, *e, located.error().message);
+      return ok();
+    }
+    check_item_crcs(join(src.dir, c->file), c->file, c->begin, c->nbytes(), *e,
+                    fmt::format("chunk {} of '{}'", Chunk{c->offsets, c->sizes}.str(), e->key), report);
+    return ok();
+  }));
+  return problems;
+}
+
+}  // namespace
+
+Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count,
+                                          const std::function<void(uint64_t, uint64_t)>& progress) {
+  const Source src = TRY(open_source(path));
+  if (!src.is_dsd()) return verify_dcp(src, thread_count, progress);
+  const Manifest& m = src.manifest;
+  uint64_t total = 0;
+  uint64_t done = 0;
+  for (const Entry& e : m.entries) {
+    for (const ChunkRecord& c : e.chunks) total += c.nbytes();
+  }
   std::vector<std::pair<const Entry*, const ChunkRecord*>> chunks;
   for (const Entry& e : m.entries) {
     for (const ChunkRecord& c : e.chunks) chunks.emplace_back(&e, &c);
@@ -502,6 +678,11 @@ Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_co
       hasher.feed(buf.data(), len);
     }
     const uint64_t whole = hasher.finish();
+    if (progress) {
+      std::lock_guard<std::mutex> lock(mu);
+      done += c->nbytes();
+      progress(done, total);
+    }
     if (whole != c->xxh3 || hasher.blocks() != c->blocks) {
       uint64_t bad_block = 0;
       while (bad_block < c->blocks.size() && hasher.blocks()[bad_block] == c->blocks[bad_block]) ++bad_block;

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "core/base/result.h"
 #include "core/checkpoint/manifest.h"
+#include "core/checkpoint/source.h"
 #include "core/dist/comm.h"
 #include "core/statedict/value.h"
 
@@ -35,7 +37,9 @@ struct LoadReport {
 // committed checkpoint.
 Result<Manifest> read_manifest(const std::string& path);
 
-// Loads the checkpoint at `path` into `state_dict`, in place: every tensor (whole, or this
+// Loads the checkpoint at `path` (a dsd checkpoint, or a PyTorch DCP checkpoint: `.metadata`
+// or rank-local `__<rank>.metadata`, `.distcp` chunks read raw from inside their torch.save
+// archives, non-tensor values through the restricted torch.save reader) into `state_dict`, in place: every tensor (whole, or this
 // rank's chunk of a distributed tensor, at any world size or layout) receives the saved
 // bytes of its region; non-tensor leaves are replaced by the saved values. Collective; an
 // error on one rank fails every rank. Errors: kNotFound (missing key when strict, no
@@ -45,11 +49,17 @@ Result<Manifest> read_manifest(const std::string& path);
 Result<LoadReport> load(Communicator& comm, Dict& state_dict, const std::string& path,
                         const LoadOptions& options = {});
 
-// A new nested state dict of full CPU tensors and values, without a communicator. `keys`
+// A new nested state dict of full CPU tensors and values, without a communicator (either
+// format; a DCP checkpoint's nesting comes from its planner_data). `keys`
 // (empty: all) selects flat keys, or any dotted prefix of their nested path ("model" selects
 // "model.layer.weight"). kNotFound when a requested key matches nothing.
 Result<DictPtr> load_full(const std::string& path, std::span<const std::string> keys = {},
                           const LoadOptions& options = {});
+
+// One tensor entry of an opened checkpoint (open_source) as a new full CPU tensor, assembled
+// from all its saved chunks: how conversions stream a checkpoint tensor by tensor. Errors as
+// load_full.
+Result<at::Tensor> read_full_tensor(const Source& source, const Entry& entry, const LoadOptions& options = {});
 
 struct VerifyProblem {
   std::string file;
@@ -58,7 +68,13 @@ struct VerifyProblem {
 };
 
 // Reads every chunk of the checkpoint and checks its chunk and block checksums; one problem
-// per damaged chunk (empty when intact). Errors only when the manifest itself is unusable.
-Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count = 0);
+// per damaged chunk (empty when intact). A DCP checkpoint, which has no checksums of its own,
+// is checked for what can be: every chunk located inside its archive and matching the
+// metadata, all its bytes readable, every value parsed, the chunks tiling each tensor.
+// Errors only when the manifest (or DCP metadata) itself is unusable.
+// `progress`, when set, receives (bytes checked, total bytes) as chunks finish, never
+// concurrently.
+Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count = 0,
+                                          const std::function<void(uint64_t, uint64_t)>& progress = {});
 
 }  // namespace dsd::checkpoint

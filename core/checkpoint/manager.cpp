@@ -5,6 +5,7 @@
 
 #include "core/base/format.h"
 #include "core/checkpoint/io.h"
+#include "core/checkpoint/source.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -20,7 +21,8 @@ Result<std::vector<StepDir>> scan(const std::string& root) {
   for (const std::string& name : TRY(list_dir(root))) {
     auto step = parse_step_dir(name);
     if (!step || !is_directory(join(root, name))) continue;
-    out.push_back({*step, read_manifest(join(root, name)).ok()});
+    // Committed in either format a save writes (dsd, or DCP with SaveOptions::format).
+    out.push_back({*step, open_source(join(root, name)).ok()});
   }
   std::sort(out.begin(), out.end(), [](const StepDir& a, const StepDir& b) { return a.step < b.step; });
   return out;

@@ -33,12 +33,33 @@ using nlohmann::json;
 // Largest piece written (or staged through the host buffer) in one go.
 constexpr uint64_t kPieceBytes = 64u << 20;
 
+}  // namespace
+
 std::string new_save_id() {
   std::random_device rd;
   const uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^
                      static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   return hex64(v);
 }
+
+Result<at::Tensor> source_tensor(const at::Tensor& t, const std::string& key, const SaveOptions& options) {
+  if (!t.is_meta()) return t;
+  if (!options.tensor_provider) {
+    return make_error_at(Code::kInvalidArgument, key, "'{}' is a meta tensor, which has no data to save", key);
+  }
+  at::Tensor data = TRY(options.tensor_provider(key, t));
+  if (data.scalar_type() != t.scalar_type() || data.sizes() != t.sizes()) {
+    return make_error_at(Code::kInternal, key, "the data supplied for '{}' does not match its placeholder", key);
+  }
+  return data;
+}
+
+bool is_dcp_file_name(std::string_view name) {
+  return name == kDcpMetadataName || dcp_rank_metadata(name).has_value() || name.ends_with(".distcp") ||
+         name.starts_with(std::string(kDcpMetadataName) + ".tmp-");
+}
+
+namespace {
 
 struct WrittenChunk {
   std::string key;
@@ -117,7 +138,8 @@ Status write_file(const std::string& dir, const RankPlan& rp, const FilePlan& fp
     auto src = sources.find(it.key);
     if (src == sources.end()) return make_error_at(Code::kInternal, it.key, "no tensor for '{}'", it.key);
     ChunkHasher hasher(opt.block_size);
-    TRY(for_each_piece(src->second, it.key, [&](const void* p, uint64_t len) -> Status {
+    const at::Tensor data = TRY(source_tensor(src->second, it.key, opt));
+    TRY(for_each_piece(data, it.key, [&](const void* p, uint64_t len) -> Status {
       hasher.feed(p, len);
       return write_all(f, p, len);
     }));
@@ -226,7 +248,7 @@ Status merge_outcomes(Manifest& m, const std::vector<std::string>& outcomes) {
 
 Status prepare_directory(const std::string& path, bool overwrite) {
   TRY(make_dirs(path));
-  if (!overwrite && path_exists(join(path, kManifestName))) {
+  if (!overwrite && (path_exists(join(path, kManifestName)) || is_dcp_checkpoint(path))) {
     return make_error_at(Code::kExists, path,
                          "a checkpoint already exists at '{}'; pass overwrite to replace it", path);
   }
@@ -242,7 +264,8 @@ void remove_stale_files(const std::string& path, const Manifest& m) {
   for (const std::string& n : *names) {
     const bool stale_data = is_data_file_name(n) && keep.count(n) == 0;
     const bool stale_tmp = n.starts_with(std::string(kManifestName) + ".tmp-");
-    if (stale_data || stale_tmp) (void)remove_file(join(path, n));
+    // A DCP checkpoint this save replaced (overwrite) in the same directory.
+    if (stale_data || stale_tmp || is_dcp_file_name(n)) (void)remove_file(join(path, n));
   }
 }
 
@@ -342,6 +365,10 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
                                   const SaveOptions& options, Status incoming) {
   SaveOptions opt = options;
   if (opt.thread_count <= 0) opt.thread_count = static_cast<int>(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
+  if (opt.format == Format::kDcp) return save_dcp(comm, state_dict, path, opt, std::move(incoming));
+  if (opt.format != Format::kDsd && incoming.ok()) {
+    incoming = make_error(Code::kInvalidArgument, "a checkpoint is saved as dsd or dcp, not {}", format_name(opt.format));
+  }
   const int64_t rank = comm.rank();
   SourceMap sources;
   LocalPlan local;

@@ -5,10 +5,14 @@
 // the same path; an error on any rank fails the call on every rank.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "core/base/result.h"
+#include "core/checkpoint/format.h"
 #include "core/checkpoint/manifest.h"
 #include "core/dist/comm.h"
 #include "core/statedict/value.h"
@@ -27,6 +31,14 @@ struct SaveOptions {
   uint64_t block_size = kDefaultBlockSize;
   // fsync every data file before the commit (turn off only for throwaway checkpoints).
   bool sync_files = true;
+  // What is written: a dsd checkpoint (checkpoint.json + safetensors data files), or a
+  // PyTorch DCP checkpoint (`.metadata` + `__<rank>_<k>.distcp`, which dcp.load reads at any
+  // world size). Other formats are kInvalidArgument.
+  Format format = Format::kDsd;
+  // Conversions: tensors of the state dict on the meta device are placeholders, and this
+  // supplies each one's data (a CPU tensor of the same dtype and shape) when it is written,
+  // so a save holds at most one tensor per writer thread. Called from writer threads.
+  std::function<Result<at::Tensor>(const std::string& key, const at::Tensor& placeholder)> tensor_provider;
 };
 
 struct SaveInfo {
@@ -35,7 +47,7 @@ struct SaveInfo {
   int files_written = 0;       // by this rank
 };
 
-// Saves `state_dict` to the directory `path` (created if needed). Tensors may live on CPU or
+// Saves `state_dict` to the directory `path` (created if needed), in options.format. Tensors may live on CPU or
 // CUDA (copied through a bounded host buffer); non-tensor leaves go into the manifest.
 // Errors: kExists (a checkpoint is there and !overwrite), kNoSpace (disk full or file size
 // limit), kIo, kInvalidArgument (plans that do not validate), kUnsupported (a tensor inside a

@@ -25,6 +25,20 @@ Result<struct SaveInfo> save_with_status(Communicator& comm, const Dict& state_d
                                          const std::string& path, const struct SaveOptions& options,
                                          Status incoming);
 
+// A new random save id (16 hex digits).
+std::string new_save_id();
+
+// The tensor to write for a source: itself, or the provider's data for a meta placeholder.
+Result<at::Tensor> source_tensor(const at::Tensor& t, const std::string& key, const struct SaveOptions& options);
+
+// save_with_status() for options.format == kDcp (dcp_save.cpp).
+Result<struct SaveInfo> save_dcp(Communicator& comm, const Dict& state_dict, const std::string& path,
+                                 const struct SaveOptions& options, Status incoming);
+
+// Whether `name` is a file of a DCP checkpoint (`.metadata`, `__<rank>.metadata`, `.distcp`
+// data, or a temporary `.metadata` of an unfinished commit).
+bool is_dcp_file_name(std::string_view name);
+
 // This rank's local plan: one item per tensor chunk it holds and per non-tensor value.
 Result<LocalPlan> build_local_plan(const Dict& state_dict, int64_t rank, SourceMap& sources);
 

@@ -4,6 +4,7 @@
 #include <caffe2/serialize/inline_container.h>
 #include <caffe2/serialize/read_adapter_interface.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -117,6 +118,8 @@ class FileRange final : public ReadAdapterInterface {
     return done;
   }
   int last_errno() const { return last_errno_; }
+  int fd() const { return fd_; }
+  uint64_t base() const { return base_; }
 
  private:
   int fd_;
@@ -462,9 +465,18 @@ size_t swap_width(DType dtype) {
   return complex ? element_size(dtype) / 2 : element_size(dtype);
 }
 
+// A whole file mapped copy-on-write; storages that point into it share it.
+struct Mapping {
+  void* base = MAP_FAILED;
+  size_t size = 0;
+  ~Mapping() {
+    if (base != MAP_FAILED) ::munmap(base, size);
+  }
+};
+
 class Loader {
  public:
-  explicit Loader(OpenArchive& archive) : a_(archive) {}
+  Loader(OpenArchive& archive, const TorchLoadOptions& options) : a_(archive), options_(options) {}
 
   Result<Value> value(const PickleValue& v, const std::string& where) {
     using K = PickleValue::Kind;
@@ -496,6 +508,7 @@ class Loader {
   }
 
   Result<at::Tensor> tensor(const TensorCall& c, const std::string& where) {
+    if (options_.on_tensor) options_.on_tensor("data/" + c.storage.key, where);
     at::Storage storage = TRY(load_storage(c.storage, where));
     const uint64_t extent = TRY(tensor_extent_bytes(c));
     if (extent > storage.nbytes()) {
@@ -605,6 +618,13 @@ class Loader {
       return make_error_at(Code::kCorrupt, where, "torch.save archive {}: record {} has {} bytes, its storage says {}",
                            a_.where, name, size, ref.nbytes);
     }
+    if (options_.mmap && a_.file != nullptr && !a_.big_endian && ref.nbytes > 0) {
+      std::optional<at::Storage> mapped = TRY(map_storage(name, ref));
+      if (mapped) {
+        storages_.emplace(ref.key, *mapped);
+        return *mapped;
+      }
+    }
     at::Tensor bytes = TRY(torch_call(Code::kOutOfMemory, fmt::format("allocating storage {}", name), [&] {
       return at::empty({static_cast<int64_t>(ref.nbytes)}, at::TensorOptions().dtype(at::kByte));
     }));
@@ -617,7 +637,35 @@ class Loader {
     return storage;
   }
 
+  // The record's bytes inside a mapping of the file, when stored uncompressed, inside the
+  // archive and aligned for the dtype; nullopt to read it instead.
+  Result<std::optional<at::Storage>> map_storage(const std::string& name, const StorageRef& ref) {
+    const size_t offset = TRY(a_.call("locating " + name, [&] { return a_.zip->getRecordOffset(name); }));
+    const size_t align = ref.typed ? element_size(*ref.typed) : 16;
+    const uint64_t at = a_.file->base() + offset;
+    if (offset > a_.adapter->size() || ref.nbytes > a_.adapter->size() - offset || at % align != 0) {
+      return std::optional<at::Storage>();
+    }
+    if (!mapping_) {
+      struct stat st {};
+      if (::fstat(a_.file->fd(), &st) != 0) return std::optional<at::Storage>();
+      auto m = std::make_shared<Mapping>();
+      m->size = static_cast<size_t>(st.st_size);
+      m->base = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, a_.file->fd(), 0);
+      if (m->base == MAP_FAILED) return std::optional<at::Storage>();
+      mapping_ = std::move(m);
+    }
+    if (at + ref.nbytes > mapping_->size) return std::optional<at::Storage>();
+    // The storage keeps the mapping alive through its context.
+    auto* keep = new std::shared_ptr<Mapping>(mapping_);
+    void* data = static_cast<char*>(mapping_->base) + at;
+    at::DataPtr ptr(data, keep, [](void* ctx) { delete static_cast<std::shared_ptr<Mapping>*>(ctx); }, at::kCPU);
+    return std::optional(at::Storage(at::Storage::use_byte_size_t(), ref.nbytes, std::move(ptr), nullptr, false));
+  }
+
   OpenArchive& a_;
+  const TorchLoadOptions& options_;
+  std::shared_ptr<Mapping> mapping_;
   std::unordered_map<std::string, at::Storage> storages_;
 };
 
@@ -638,10 +686,10 @@ bool TorchTensorRecord::is_contiguous() const {
   return true;
 }
 
-Result<Value> torch_load(const TorchArchive& archive) {
+Result<Value> torch_load(const TorchArchive& archive, const TorchLoadOptions& options) {
   OpenArchive a = TRY(open_archive(archive));
   PickleValue root = TRY(read_data_pkl(a));
-  Loader loader(a);
+  Loader loader(a, options);
   return loader.value(root, "");
 }
 

@@ -25,6 +25,7 @@ struct SavedStorage {
   std::string key;
   at::Storage storage;
   DType dtype;
+  at::Tensor placeholder;  // a meta tensor whose data TorchSaveOptions::tensor_data supplies
 };
 
 class Saver {
@@ -94,8 +95,12 @@ class Saver {
     }
     at::Tensor t = tv.tensor;
     if (!t.defined()) return make_error_at(Code::kInvalidArgument, where, "tensor '{}' is undefined", where);
-    if (t.layout() != at::kStrided || t.is_quantized() || t.device().is_meta()) {
+    const bool placeholder = t.device().is_meta() && options_.tensor_data;
+    if (t.layout() != at::kStrided || t.is_quantized() || (t.device().is_meta() && !placeholder)) {
       return make_error_at(Code::kUnsupported, where, "tensor '{}' is not a dense tensor with data", where);
+    }
+    if (placeholder && (!t.is_contiguous() || t.storage_offset() != 0)) {
+      return make_error_at(Code::kInvalidArgument, where, "placeholder '{}' is not a contiguous tensor", where);
     }
     if (t.is_conj() || t.is_neg()) {
       t = TRY(torch_call(Code::kInternal, "resolving a conj/neg view", [&] { return t.resolve_conj().resolve_neg(); }));
@@ -149,7 +154,8 @@ class Saver {
       return make_error_at(Code::kUnsupported, where, "tensor '{}': its storage of {} bytes is not a whole number of {}",
                            where, t.storage().nbytes(), dtype_name(dtype));
     }
-    storages_.push_back({std::to_string(storages_.size()), t.storage(), dtype});
+    storages_.push_back({std::to_string(storages_.size()), t.storage(), dtype,
+                         t.device().is_meta() ? t : at::Tensor()});
     index_.emplace(impl, storages_.size() - 1);
     return &storages_.back();
   }
@@ -171,6 +177,22 @@ Result<at::Tensor> cpu_bytes(const at::Storage& storage) {
     at::Tensor bytes = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(storage.device()));
     bytes.set_(storage, 0, {n}, {1});
     return storage.device().is_cpu() ? bytes : bytes.cpu();
+  });
+}
+
+// The data of a placeholder storage, as a byte tensor of exactly the storage's size.
+Result<at::Tensor> placeholder_bytes(const SavedStorage& s, const TorchSaveOptions& options) {
+  at::Tensor data = TRY(options.tensor_data(s.placeholder));
+  return torch_call(Code::kInternal, "preparing a tensor's data", [&]() -> Result<at::Tensor> {
+    if (data.scalar_type() != s.placeholder.scalar_type() || data.sizes() != s.placeholder.sizes()) {
+      return make_error(Code::kInternal, "the data supplied for a placeholder of storage {} does not match it", s.key);
+    }
+    at::Tensor c = data.cpu().resolve_conj().resolve_neg().contiguous();
+    if (static_cast<uint64_t>(c.nbytes()) != s.storage.nbytes()) {
+      return make_error(Code::kInternal, "the data of storage {} has {} bytes, {} expected", s.key, c.nbytes(),
+                        s.storage.nbytes());
+    }
+    return c.view({-1}).view(at::kByte);
   });
 }
 
@@ -202,7 +224,7 @@ Status write_archive(const std::string& pickle, const std::vector<SavedStorage>&
       writer.writeRecord(".storage_alignment", alignment.data(), alignment.size());
       writer.writeRecord("byteorder", "little", 6);
       for (const SavedStorage& s : storages) {
-        Result<at::Tensor> bytes = cpu_bytes(s.storage);
+        Result<at::Tensor> bytes = s.placeholder.defined() ? placeholder_bytes(s, options) : cpu_bytes(s.storage);
         if (!bytes.ok()) {
           abandon(writer);
           return std::move(bytes).error();

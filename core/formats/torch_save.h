@@ -62,7 +62,18 @@ const PickleAllowList& torch_save_allow_list();
 // file), kUnsupported (torch.save's legacy pre-1.6 format, TorchScript archives, a global outside
 // torch_save_allow_list(), named as "module.name", or an allowed object dsd cannot represent,
 // such as a set or a quantized tensor), kDtypeMismatch (a dtype dsd does not store).
-Result<Value> torch_load(const TorchArchive& archive);
+struct TorchLoadOptions {
+  // Map the file's storage records into memory (copy-on-write, MAP_PRIVATE) instead of
+  // reading them, when they are stored aligned to their element size in a little-endian
+  // file (what torch.save writes): large files then cost address space and page cache, not
+  // memory. Other records are read as usual. Only for file archives.
+  bool mmap = false;
+  // Called for each tensor with the name of its storage record ("data/<key>") and its path
+  // in the tree ("model.layer.weight"): `dsd verify` names the keys of a damaged record.
+  std::function<void(const std::string& record, const std::string& where)> on_tensor;
+};
+
+Result<Value> torch_load(const TorchArchive& archive, const TorchLoadOptions& options = {});
 
 // One tensor of an archive whose top-level object is a tensor (a DCP chunk), described
 // without reading its data.
@@ -97,6 +108,11 @@ struct TorchSaveOptions {
   // Stores each record's CRC32, as torch.save does by default (torch.load does not check it;
   // zip tools do).
   bool compute_crc32 = true;
+  // Streaming writes: a tensor on the meta device in the tree is a placeholder; when its
+  // storage record is written this is called with it and returns its data (a CPU tensor of
+  // the same dtype and shape), which is released right after. So a file of any size is
+  // written holding one tensor at a time. Without it, meta tensors are kUnsupported.
+  std::function<Result<at::Tensor>(const at::Tensor& placeholder)> tensor_data;
 };
 
 // Writes `root` as torch.save does, so that torch.load(f) with its default weights_only=True

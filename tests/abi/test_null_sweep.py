@@ -174,6 +174,12 @@ class Factory:
         return ffi.gc(out[0], lib.dsd_checkpoint_manager_free)
 
     def value(self, name, ctype):
+        if ctype == "const dsd_convert_options*":
+            o = ffi.new("dsd_convert_options*")
+            lib.dsd_convert_options_init(o)
+            return o
+        if ctype == "dsd_format":
+            return lib.DSD_FORMAT_TORCH
         if ctype in ("const dsd_save_options*", "const dsd_load_options*"):
             o = ffi.new(ctype.replace("const ", ""))
             (lib.dsd_save_options_init if "save" in ctype else lib.dsd_load_options_init)(o)

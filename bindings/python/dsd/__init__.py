@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from ._checkpoint import (CheckpointManager, LoadReport, SaveFuture, async_save, load, load_full,
                           save, verify)
+from ._checkpoint import (convert, detect_format, export_safetensors, export_torch_save,
+                          import_safetensors, import_torch_save)
 from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
                       NotFoundError, ShapeMismatchError, UnsupportedError)
 from ._dist import Communicator, DeviceMesh, Layout, from_dtensor, to_dtensor
@@ -37,4 +39,6 @@ __all__ = [
     "get_optimizer_state_dict", "get_state_dict", "lib", "library_path", "load", "load_full",
     "optim_state_dict_to_fqn", "optim_state_dict_to_positional", "save", "set_model_state_dict",
     "set_optimizer_state_dict", "set_state_dict", "to_dtensor", "verify", "version",
+    "convert", "detect_format", "export_safetensors", "export_torch_save", "import_safetensors",
+    "import_torch_save",
 ]

@@ -1,18 +1,31 @@
 """Checkpoints: dsd.save, dsd.async_save, dsd.load, dsd.load_full, dsd.verify and
 dsd.CheckpointManager over Python dicts of torch tensors (shared with dsd by DLPack, never
-copied: load writes into your tensors in place)."""
+copied: load writes into your tensors in place); PyTorch DCP checkpoints both ways
+(dsd.save(format="dcp"), dsd.load of a dcp.save directory); conversions between dsd, DCP,
+torch.save and Hugging Face safetensors (dsd.convert, dsd.export_torch_save, ...)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import _dist
 from ._errors import call
 from ._lib import ffi, lib
 from ._state_dict import to_dsd, to_python
 
+FORMATS = {"dsd": 0, "dcp": 1, "torch": 2, "safetensors": 3}
+_FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+
+
+def _format_code(name: str) -> int:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; expected one of {sorted(FORMATS)}") from None
+
 
 def _save_options(overwrite=False, thread_count=0, save_to_lowest_rank=False, sync_files=True,
-                  block_size=None):
+                  block_size=None, format="dsd"):
     o = ffi.new("dsd_save_options*")
     lib.dsd_save_options_init(o)
     o.overwrite = overwrite
@@ -21,7 +34,12 @@ def _save_options(overwrite=False, thread_count=0, save_to_lowest_rank=False, sy
     o.sync_files = sync_files
     if block_size is not None:
         o.block_size = block_size
+    o.format = _format_code(format)
     return o
+
+
+def _comm_ptr(comm):
+    return ffi.NULL if comm is None else comm.ptr
 
 
 def _load_options(strict=True, thread_count=0, verify=True):
@@ -36,10 +54,10 @@ def _load_options(strict=True, thread_count=0, verify=True):
 class _Tree:
     """A dsd copy of a Python state dict's structure (tensors shared), freed on exit."""
 
-    def __init__(self, state_dict):
+    def __init__(self, state_dict, comm=None):
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"expected a dict state dict, got {type(state_dict)}")
-        self.ptr = to_dsd(state_dict)
+        self.ptr = to_dsd(state_dict, ctx=_dist.MeshCache(comm))
 
     def __enter__(self):
         return self.ptr
@@ -49,13 +67,16 @@ class _Tree:
 
 
 def save(state_dict: Mapping, path: str, *, overwrite: bool = False, thread_count: int = 0,
-         save_to_lowest_rank: bool = False, sync_files: bool = True, block_size: int | None = None) -> None:
-    """Saves `state_dict` (nested dicts/lists of tensors and plain values) to the directory
-    `path`. Raises dsd.Error with code_name "exists" when a checkpoint is there and not
-    `overwrite`, "no_space" when the disk is full (the old checkpoint stays intact)."""
-    opts = _save_options(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size)
-    with _Tree(state_dict) as sd:
-        call(lib.dsd_save, ffi.NULL, sd, str(path).encode(), opts)
+         save_to_lowest_rank: bool = False, sync_files: bool = True, block_size: int | None = None,
+         format: str = "dsd", comm=None) -> None:
+    """Saves `state_dict` (nested dicts/lists of tensors, DTensors and plain values) to the
+    directory `path`, as a dsd checkpoint or (format="dcp") in PyTorch DCP's own format, which
+    dcp.load reads. With `comm` (a dsd.Communicator) every rank calls it with its shards.
+    Raises dsd.Error with code_name "exists" when a checkpoint is there and not `overwrite`,
+    "no_space" when the disk is full (the old checkpoint stays intact)."""
+    opts = _save_options(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format)
+    with _Tree(state_dict, comm) as sd:
+        call(lib.dsd_save, _comm_ptr(comm), sd, str(path).encode(), opts)
 
 
 class SaveFuture:
@@ -84,13 +105,13 @@ class SaveFuture:
     wait = result
 
 
-def async_save(state_dict: Mapping, path: str, **options) -> SaveFuture:
+def async_save(state_dict: Mapping, path: str, *, comm=None, **options) -> SaveFuture:
     """Stages `state_dict` into reusable host buffers and saves it in the background. The
     returned future's result() raises the save's error, if any."""
     opts = _save_options(**options)
     out = ffi.new("dsd_future**")
-    with _Tree(state_dict) as sd:
-        call(lib.dsd_save_async, ffi.NULL, sd, str(path).encode(), opts, out)
+    with _Tree(state_dict, comm) as sd:
+        call(lib.dsd_save_async, _comm_ptr(comm), sd, str(path).encode(), opts, out)
     return SaveFuture(out[0])
 
 
@@ -134,10 +155,10 @@ def _merge_values(target, loaded) -> None:
             target[k] = v
 
 
-def _load_into(fn, state_dict, *args):
+def _load_into(fn, state_dict, *args, comm=None):
     """Runs a dsd load into `state_dict`; returns the report."""
     out = ffi.new("dsd_load_report**")
-    with _Tree(state_dict) as sd:
+    with _Tree(state_dict, comm) as sd:
         fn(sd, *args, out)
         try:
             report = _report(out[0])
@@ -148,13 +169,16 @@ def _load_into(fn, state_dict, *args):
 
 
 def load(state_dict: Mapping, path: str, *, strict: bool = True, thread_count: int = 0,
-         verify: bool = True) -> LoadReport:
-    """Loads the checkpoint at `path` into `state_dict` in place (tensors receive the saved
-    bytes; plain values are replaced). Raises dsd.NotFoundError for a missing key when
-    `strict`, dsd.ShapeMismatchError / dsd.DtypeMismatchError, dsd.Error "corrupt"."""
+         verify: bool = True, comm=None) -> LoadReport:
+    """Loads the checkpoint at `path` (dsd, or a PyTorch DCP checkpoint from dcp.save at any
+    world size) into `state_dict` in place (tensors and DTensor shards receive the saved
+    bytes of their region; plain values are replaced). With `comm` every rank calls it.
+    Raises dsd.NotFoundError for a missing key when `strict`, dsd.ShapeMismatchError /
+    dsd.DtypeMismatchError, dsd.Error "corrupt"."""
     opts = _load_options(strict, thread_count, verify)
-    return _load_into(lambda sd, out: call(lib.dsd_load, ffi.NULL, sd, str(path).encode(), opts, out),
-                      state_dict)
+    c = _comm_ptr(comm)
+    return _load_into(lambda sd, out: call(lib.dsd_load, c, sd, str(path).encode(), opts, out),
+                      state_dict, comm=comm)
 
 
 def load_full(path: str, keys=None) -> dict:
@@ -175,6 +199,68 @@ def verify(path: str) -> None:
     """Checks every checksum of the checkpoint; raises dsd.Error "corrupt" naming the file and
     key of the first damaged chunk."""
     call(lib.dsd_checkpoint_verify, str(path).encode())
+
+
+def _convert_options(overwrite=False, thread_count=0, max_shard_size=None):
+    o = ffi.new("dsd_convert_options*")
+    lib.dsd_convert_options_init(o)
+    o.overwrite = overwrite
+    o.thread_count = thread_count
+    if max_shard_size is not None:
+        o.max_shard_size = max_shard_size
+    return o
+
+
+def detect_format(path: str) -> str:
+    """"dsd", "dcp", "torch" or "safetensors": what is at `path`."""
+    out = ffi.new("dsd_format*")
+    call(lib.dsd_detect_format, str(path).encode(), out)
+    return _FORMAT_NAMES[out[0]]
+
+
+def convert(src: str, dst: str, to: str, *, overwrite: bool = False, thread_count: int = 0,
+            max_shard_size: int | None = None) -> None:
+    """Converts `src` (any of dsd, dcp, torch, safetensors; detected) to `dst` in format `to`,
+    tensor by tensor."""
+    opts = _convert_options(overwrite, thread_count, max_shard_size)
+    call(lib.dsd_convert, str(src).encode(), str(dst).encode(), _format_code(to), opts)
+
+
+def export_torch_save(state_dict: Mapping, path: str, *, overwrite: bool = False) -> None:
+    """Writes `state_dict` (full tensors) as a torch.save file that torch.load reads with
+    weights_only=True."""
+    opts = _convert_options(overwrite)
+    with _Tree(state_dict) as sd:
+        call(lib.dsd_export_torch_save, sd, str(path).encode(), opts)
+
+
+def import_torch_save(path: str) -> dict:
+    """The state dict of a torch.save file, read without executing any pickle."""
+    out = ffi.new("dsd_state_dict**")
+    call(lib.dsd_import_torch_save, str(path).encode(), out)
+    try:
+        return to_python(out[0])
+    finally:
+        lib.dsd_state_dict_free(out[0])
+
+
+def export_safetensors(state_dict: Mapping, path: str, *, overwrite: bool = False,
+                       max_shard_size: int | None = None, thread_count: int = 0) -> None:
+    """Writes `state_dict` (full tensors) as a Hugging Face safetensors directory:
+    model-0000i-of-0000N.safetensors + model.safetensors.index.json, flat keys."""
+    opts = _convert_options(overwrite, thread_count, max_shard_size)
+    with _Tree(state_dict) as sd:
+        call(lib.dsd_export_safetensors, sd, str(path).encode(), opts)
+
+
+def import_safetensors(path: str) -> dict:
+    """The state dict of a safetensors directory or file (nested again when dsd wrote it)."""
+    out = ffi.new("dsd_state_dict**")
+    call(lib.dsd_import_safetensors, str(path).encode(), out)
+    try:
+        return to_python(out[0])
+    finally:
+        lib.dsd_state_dict_free(out[0])
 
 
 class CheckpointManager:

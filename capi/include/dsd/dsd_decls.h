@@ -763,6 +763,8 @@ typedef struct dsd_save_options {
   bool save_to_lowest_rank; /* replicated chunks written by the lowest rank, not balanced */
   bool sync_files;          /* fsync data files before the commit (default true) */
   uint64_t block_size;      /* bytes per checksummed block, a power of two >= 4096 (4 MiB) */
+  int32_t format;           /* DSD_FORMAT_DSD (default) or DSD_FORMAT_DCP: PyTorch DCP's own
+                               format (.metadata + __<rank>_<k>.distcp), which dcp.load reads */
 } dsd_save_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */
@@ -809,7 +811,8 @@ dsd_status dsd_future_is_done(const dsd_future* future, bool* out, dsd_error** e
 /* Frees a future. A save in flight goes on to completion. NULL is a no-op. */
 void dsd_future_free(dsd_future* future);
 
-/* Loads the checkpoint at `path` into `sd`, in place, resharding as needed: each tensor
+/* Loads the checkpoint at `path` (a dsd checkpoint, or a PyTorch DCP checkpoint written by
+ * dcp.save at any world size) into `sd`, in place, resharding as needed: each tensor
  * receives the saved bytes of its region; non-tensor values are replaced. `options` may be
  * NULL. `out` may be NULL; otherwise *out receives a report (missing, unexpected and
  * skipped keys) freed with dsd_load_report_free(). Returns DSD_E_NOT_FOUND (no checkpoint;
@@ -842,8 +845,9 @@ void dsd_load_report_free(dsd_load_report* report);
 dsd_status dsd_load_full(const char* path, const char* const* keys, size_t n_keys,
                          dsd_state_dict** out, dsd_error** err);
 
-/* Reads every chunk of the checkpoint at `path` and checks its checksums. DSD_OK when intact;
- * DSD_E_CORRUPT naming the first damaged file and key otherwise. */
+/* Reads every chunk of the checkpoint at `path` and checks its checksums (a DCP checkpoint,
+ * which has none: that every chunk is where its metadata says, readable and in bounds).
+ * DSD_OK when intact; DSD_E_CORRUPT naming the first damaged file and key otherwise. */
 dsd_status dsd_checkpoint_verify(const char* path, dsd_error** err);
 
 /* A checkpoint manager over the directory `root`: saves go to `root/step_<N>`, a `latest`
@@ -875,3 +879,72 @@ dsd_status dsd_checkpoint_manager_latest_step(const dsd_checkpoint_manager* mana
 dsd_status dsd_checkpoint_manager_load_latest(dsd_checkpoint_manager* manager, dsd_comm* comm,
                                               dsd_state_dict* sd, const dsd_load_options* options,
                                               bool* found, int64_t* step, dsd_error** err);
+
+/* Formats (the `format` field of dsd_save_options; dsd_convert):
+ * - a dsd checkpoint directory;
+ * - a PyTorch DCP checkpoint directory (.metadata, or rank-local __<rank>.metadata, and
+ *   .distcp data files), which dsd_load reads in place with resharding at any world size;
+ * - a torch.save file (read through a restricted pickle reader that executes nothing);
+ * - Hugging Face safetensors: a directory of model-0000i-of-0000N.safetensors files and
+ *   model.safetensors.index.json, or one .safetensors file. */
+typedef int32_t dsd_format;
+#define DSD_FORMAT_DSD 0
+#define DSD_FORMAT_DCP 1
+#define DSD_FORMAT_TORCH 2
+#define DSD_FORMAT_SAFETENSORS 3
+
+typedef struct dsd_convert_options {
+  uint32_t struct_size;    /* sizeof(dsd_convert_options), set by dsd_convert_options_init */
+  bool overwrite;          /* replace what is at the destination once the new output is complete */
+  int32_t thread_count;    /* writer threads; 0: min(4, cores) */
+  uint64_t max_shard_size; /* safetensors: most data bytes per file (default 5e9; 0: one file) */
+} dsd_convert_options;
+
+/* Fills `options` with the defaults. NULL is a no-op. */
+void dsd_convert_options_init(dsd_convert_options* options);
+
+/* The format of what is at `path` (a DSD_FORMAT_*). Returns DSD_E_NOT_FOUND (nothing there,
+ * or a directory holding no checkpoint), DSD_E_UNSUPPORTED (a file of another kind), DSD_E_IO. */
+dsd_status dsd_detect_format(const char* path, dsd_format* out, dsd_error** err);
+
+/* Converts what is at `src` (any format, detected) into `dst` in format `to`, tensor by
+ * tensor: a sharded checkpoint's tensors are assembled one at a time, so memory holds about
+ * one tensor per writer thread (a torch.save source is mapped, not read into memory). A
+ * checkpoint is written as by one process; torch.save as an OrderedDict that torch.load
+ * (weights_only=True) accepts; safetensors as a consolidated Hugging Face directory with its
+ * index. `options` may be NULL. Single process; any thread. Returns DSD_E_EXISTS (`dst`
+ * exists and !overwrite), DSD_E_INVALID_ARGUMENT (unknown format), DSD_E_NOT_FOUND,
+ * DSD_E_CORRUPT, DSD_E_UNSUPPORTED (naming what cannot be represented), DSD_E_IO,
+ * DSD_E_NO_SPACE. */
+dsd_status dsd_convert(const char* src, const char* dst, dsd_format to,
+                       const dsd_convert_options* options, dsd_error** err);
+
+/* Writes the state dict `sd` (full CPU or CUDA tensors, no distributed tensors) as a
+ * torch.save file at `path` (written aside and renamed: complete or absent), which torch.load
+ * with weights_only=True reads back identically: the top level as an OrderedDict, int-keyed
+ * dicts with int keys, tuples as tuples. Borrows `sd`. `options` may be NULL. Returns
+ * DSD_E_EXISTS, DSD_E_UNSUPPORTED (a distributed tensor), DSD_E_IO, DSD_E_NO_SPACE. */
+dsd_status dsd_export_torch_save(const dsd_state_dict* sd, const char* path,
+                                 const dsd_convert_options* options, dsd_error** err);
+
+/* Reads a torch.save file into a new state dict of CPU tensors (*out, freed with
+ * dsd_state_dict_free()). Nothing in the file is executed: only the classes of plain state
+ * (OrderedDict, tensors, storages, dtypes, torch.Size...) are allowed, anything else is
+ * DSD_E_UNSUPPORTED naming it. Views that shared a storage still share one. Returns
+ * DSD_E_NOT_FOUND, DSD_E_CORRUPT, DSD_E_UNSUPPORTED, DSD_E_IO. */
+dsd_status dsd_import_torch_save(const char* path, dsd_state_dict** out, dsd_error** err);
+
+/* Writes the state dict `sd` as a consolidated Hugging Face safetensors directory `dir`:
+ * model-0000i-of-0000N.safetensors files of at most options->max_shard_size data bytes each
+ * and model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}), keyed by
+ * flat keys ("model.layer.weight"). Non-tensor values and the nesting travel in the first
+ * file's __metadata__ ("dsd.state") for dsd_import_safetensors. `options` may be NULL.
+ * Returns DSD_E_EXISTS, DSD_E_UNSUPPORTED, DSD_E_IO, DSD_E_NO_SPACE. */
+dsd_status dsd_export_safetensors(const dsd_state_dict* sd, const char* dir,
+                                  const dsd_convert_options* options, dsd_error** err);
+
+/* Reads a safetensors directory (through its index, or every .safetensors file) or a single
+ * .safetensors file into a new state dict (*out, freed with dsd_state_dict_free()): flat
+ * keys, or the nesting and values dsd recorded. Returns DSD_E_NOT_FOUND, DSD_E_WRONG_KIND
+ * (a checkpoint of another format), DSD_E_CORRUPT, DSD_E_IO. */
+dsd_status dsd_import_safetensors(const char* path, dsd_state_dict** out, dsd_error** err);

@@ -1,0 +1,425 @@
+// dsd: the operator's command for checkpoints of every format dsd speaks (dsd, PyTorch DCP,
+// torch.save files, Hugging Face safetensors).
+//
+//   dsd inspect PATH [--json]        keys, kinds, dtypes, shapes, chunks, bytes, save world size
+//   dsd verify PATH                  every checksum and bound; exit 0 only if intact
+//   dsd convert SRC DST --to FORMAT  [--max-shard-size BYTES] [--overwrite] [--threads N]
+//   dsd diff A B                     keys only in one, dtype/shape differences, first differing
+//                                    element of each tensor; exit 0 only if equal
+//
+// Operations that run for more than a second draw a progress bar with throughput on stderr
+// when it is a terminal (--progress forces it, --quiet turns it off). Errors are one line,
+// "dsd: <message>", with an exit code per kind of failure (kExit* below, listed by --help).
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/checkpoint/convert.h"
+#include "core/checkpoint/value_json.h"
+
+namespace {
+
+using dsd::Code;
+using dsd::checkpoint::Entry;
+using dsd::checkpoint::Format;
+using dsd::checkpoint::ItemInfo;
+using dsd::checkpoint::StateReader;
+using nlohmann::ordered_json;
+using Clock = std::chrono::steady_clock;
+
+// Exit codes, stable: scripts rely on them.
+constexpr int kExitOk = 0;
+constexpr int kExitDiffers = 1;    // diff: not equal; verify: damaged
+constexpr int kExitUsage = 2;      // bad command line
+constexpr int kExitNotFound = 3;   // no such file, or no checkpoint there
+constexpr int kExitCorrupt = 4;    // a file is damaged beyond reading (header, manifest, metadata)
+constexpr int kExitIo = 5;         // the file system failed (also disk full)
+constexpr int kExitExists = 6;     // the destination exists (pass --overwrite)
+constexpr int kExitUnsupported = 7;  // valid, but not representable (a class, dtype or format)
+constexpr int kExitInternal = 8;   // anything else: a bug
+
+constexpr const char* kExitCodesHelp =
+    "Exit codes:\n"
+    "  0  success (diff: equal; verify: intact)\n"
+    "  1  diff: the inputs differ; verify: damage found\n"
+    "  2  usage error\n"
+    "  3  not found (no such path, no checkpoint there, a missing key)\n"
+    "  4  corrupt (a header, manifest or metadata that cannot be read)\n"
+    "  5  I/O error (including a full disk)\n"
+    "  6  the destination exists (pass --overwrite)\n"
+    "  7  unsupported (a class, dtype or conversion dsd cannot represent)\n"
+    "  8  internal error\n"
+    "Formats: dsd (checkpoint directory), dcp (PyTorch DCP directory), torch (torch.save file),\n"
+    "safetensors (Hugging Face directory or file); the source format is detected.";
+
+int exit_code(Code c) {
+  switch (c) {
+    case Code::kInvalidArgument: return kExitUsage;
+    case Code::kNotFound: return kExitNotFound;
+    case Code::kCorrupt: return kExitCorrupt;
+    case Code::kIo:
+    case Code::kNoSpace: return kExitIo;
+    case Code::kExists: return kExitExists;
+    case Code::kUnsupported:
+    case Code::kWrongKind:
+    case Code::kDtypeMismatch:
+    case Code::kShapeMismatch: return kExitUnsupported;
+    default: return kExitInternal;
+  }
+}
+
+int fail(const dsd::Error& e) {
+  std::string msg = e.message;
+  for (char& ch : msg) {
+    if (ch == '\n') ch = ' ';
+  }
+  std::fprintf(stderr, "dsd: %s\n", msg.c_str());
+  return exit_code(e.code);
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{:.0f} {}", b, units[u]) : fmt::format("{:.1f} {}", b, units[u]);
+}
+
+// "5GB", "500MB", "2GiB", "1024": Hugging Face's max_shard_size spellings.
+std::optional<uint64_t> parse_size(std::string s) {
+  if (s.empty()) return std::nullopt;
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  if (i == 0) return std::nullopt;
+  double v = 0;
+  try {
+    v = std::stod(s.substr(0, i));
+  } catch (...) {
+    return std::nullopt;
+  }
+  std::string unit = s.substr(i);
+  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  double mul = 1;
+  if (unit.empty() || unit == "B") mul = 1;
+  else if (unit == "KB" || unit == "K") mul = 1e3;
+  else if (unit == "MB" || unit == "M") mul = 1e6;
+  else if (unit == "GB" || unit == "G") mul = 1e9;
+  else if (unit == "TB" || unit == "T") mul = 1e12;
+  else if (unit == "KIB") mul = 1024.0;
+  else if (unit == "MIB") mul = 1024.0 * 1024;
+  else if (unit == "GIB") mul = 1024.0 * 1024 * 1024;
+  else if (unit == "TIB") mul = 1024.0 * 1024 * 1024 * 1024;
+  else return std::nullopt;
+  return static_cast<uint64_t>(std::llround(v * mul));
+}
+
+// A progress bar on stderr: drawn once an operation has run for a second (at once with
+// --progress), at most ten times a second, only when stderr is a terminal (or --progress).
+class ProgressBar {
+ public:
+  ProgressBar(std::string what, bool forced, bool quiet)
+      : what_(std::move(what)), forced_(forced), enabled_(!quiet && (forced || ::isatty(2))), start_(Clock::now()) {}
+
+  void update(uint64_t done, uint64_t total) {
+    done_ = done;
+    total_ = total;
+    if (!enabled_) return;
+    const auto now = Clock::now();
+    if (!forced_ && now - start_ < std::chrono::seconds(1)) return;
+    if (drawn_ && now - last_ < std::chrono::milliseconds(100) && done != total) return;
+    last_ = now;
+    draw(now);
+  }
+
+  // Ends the bar's line (the final state drawn if the bar was showing).
+  void finish() {
+    if (!enabled_) return;
+    if (drawn_ || forced_) {
+      draw(Clock::now());
+      std::fputc('\n', stderr);
+    }
+  }
+
+  double seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+ private:
+  void draw(Clock::time_point now) {
+    const double secs = std::max(1e-6, std::chrono::duration<double>(now - start_).count());
+    const double rate = static_cast<double>(done_) / secs;
+    constexpr int kWidth = 30;
+    const double frac = total_ > 0 ? std::min(1.0, static_cast<double>(done_) / static_cast<double>(total_)) : 0.0;
+    const int fill = static_cast<int>(frac * kWidth);
+    std::string bar(static_cast<size_t>(fill), '#');
+    bar.append(static_cast<size_t>(kWidth - fill), '.');
+    std::string eta;
+    if (rate > 0 && total_ > done_) eta = fmt::format(" ETA {:.0f}s", static_cast<double>(total_ - done_) / rate);
+    std::fprintf(stderr, "\r%s [%s] %3.0f%% %s/%s %s/s%s\033[K", what_.c_str(), bar.c_str(), frac * 100,
+                 human_bytes(static_cast<double>(done_)).c_str(), human_bytes(static_cast<double>(total_)).c_str(),
+                 human_bytes(rate).c_str(), eta.c_str());
+    std::fflush(stderr);
+    drawn_ = true;
+  }
+
+  std::string what_;
+  bool forced_;
+  bool enabled_;
+  Clock::time_point start_;
+  Clock::time_point last_{};
+  bool drawn_ = false;
+  uint64_t done_ = 0;
+  uint64_t total_ = 0;
+};
+
+struct Global {
+  bool progress = false;
+  bool quiet = false;
+};
+
+std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+ordered_json path_json(const std::vector<dsd::checkpoint::PathItem>& path) {
+  ordered_json p = ordered_json::array();
+  for (const auto& x : path) {
+    if (const auto* s = std::get_if<std::string>(&x)) p.push_back(*s);
+    else p.push_back(std::get<int64_t>(x));
+  }
+  return p;
+}
+
+std::string format_title(Format f) {
+  switch (f) {
+    case Format::kDsd: return "dsd checkpoint";
+    case Format::kDcp: return "PyTorch DCP checkpoint";
+    case Format::kTorchSave: return "torch.save file";
+    case Format::kSafetensors: return "safetensors";
+  }
+  return "?";
+}
+
+// ---- inspect --------------------------------------------------------------------------------
+
+int inspect(const std::string& path, bool as_json) {
+  auto opened = StateReader::open(path);
+  if (!opened.ok()) return fail(opened.error());
+  const StateReader& r = **opened;
+  size_t tensors = 0;
+  size_t values = 0;
+  ordered_json entries = ordered_json::array();
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = 0; i < r.items().size(); ++i) {
+    const ItemInfo& it = r.items()[i];
+    ordered_json e = {{"key", it.key}, {"path", path_json(it.path)}};
+    if (it.kind == Entry::Kind::kTensor) {
+      ++tensors;
+      ordered_json chunks = ordered_json::array();
+      for (const auto& c : it.chunks) {
+        chunks.push_back({{"offsets", c.offsets}, {"sizes", c.sizes}, {"file", c.file}});
+      }
+      e["kind"] = "tensor";
+      e["dtype"] = std::string(dsd::dtype_name(it.dtype));
+      e["shape"] = it.shape;
+      e["bytes"] = it.nbytes;
+      e["chunks"] = std::move(chunks);
+      rows.push_back({it.key, "tensor", std::string(dsd::dtype_name(it.dtype)), shape_str(it.shape),
+                      std::to_string(it.chunks.size()), std::to_string(it.nbytes)});
+    } else {
+      ++values;
+      auto v = r.read_value(i);
+      if (!v.ok()) return fail(v.error());
+      auto j = dsd::checkpoint::value_to_json(*v, it.key);
+      std::string text = j.ok() ? j->dump() : std::string(dsd::kind_name(v->kind()));
+      e["kind"] = "value";
+      e["value"] = j.ok() ? ordered_json::parse(j->dump()) : ordered_json(text);
+      if (text.size() > 40) text = text.substr(0, 37) + "...";
+      rows.push_back({it.key, "value", "", "", "", text});
+    }
+    entries.push_back(std::move(e));
+  }
+  if (as_json) {
+    ordered_json out = {{"path", path},
+                        {"format", std::string(dsd::checkpoint::format_name(r.format()))},
+                        {"world_size", r.world_size()},
+                        {"files", r.files()},
+                        {"tensors", tensors},
+                        {"values", values},
+                        {"total_bytes", r.tensor_bytes()},
+                        {"entries", std::move(entries)}};
+    std::printf("%s\n", out.dump(2).c_str());
+    return kExitOk;
+  }
+  std::printf("path:        %s\n", path.c_str());
+  std::printf("format:      %s (%s)\n", std::string(dsd::checkpoint::format_name(r.format())).c_str(),
+              format_title(r.format()).c_str());
+  std::printf("world size:  %lld (at save)\n", static_cast<long long>(r.world_size()));
+  std::printf("files:       %zu\n", r.files().size());
+  std::printf("entries:     %zu (%zu tensors, %zu values)\n", r.items().size(), tensors, values);
+  std::printf("tensor data: %s (%llu bytes)\n\n", human_bytes(static_cast<double>(r.tensor_bytes())).c_str(),
+              static_cast<unsigned long long>(r.tensor_bytes()));
+  const std::vector<std::string> header = {"KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES/VALUE"};
+  std::vector<size_t> width(header.size());
+  for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
+  for (const auto& row : rows) {
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  }
+  auto print_row = [&](const std::vector<std::string>& row) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) line.append(width[c] - row[c].size() + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::printf("%s\n", line.c_str());
+  };
+  print_row(header);
+  for (const auto& row : rows) print_row(row);
+  return kExitOk;
+}
+
+// ---- verify ---------------------------------------------------------------------------------
+
+int verify(const std::string& path, const Global& g) {
+  ProgressBar bar("verify", g.progress, g.quiet);
+  auto problems = dsd::checkpoint::verify_any(path, [&](uint64_t d, uint64_t t) { bar.update(d, t); });
+  bar.finish();
+  if (!problems.ok()) return fail(problems.error());
+  if (problems->empty()) {
+    std::printf("%s: intact\n", path.c_str());
+    return kExitOk;
+  }
+  for (const auto& p : *problems) {
+    std::printf("%s: %s: %s\n", p.file.c_str(), p.key.empty() ? "-" : p.key.c_str(), p.message.c_str());
+  }
+  std::fprintf(stderr, "dsd: '%s' is damaged: %zu problem(s)\n", path.c_str(), problems->size());
+  return kExitDiffers;
+}
+
+// ---- convert --------------------------------------------------------------------------------
+
+int convert(const std::string& src, const std::string& dst, const std::string& to_name, const std::string& shard,
+            bool overwrite, int threads, const Global& g) {
+  const auto to = dsd::checkpoint::format_from_name(to_name);
+  if (!to) {
+    std::fprintf(stderr, "dsd: unknown format '%s' (expected dsd, dcp, torch or safetensors)\n", to_name.c_str());
+    return kExitUsage;
+  }
+  dsd::checkpoint::ConvertOptions o;
+  o.overwrite = overwrite;
+  o.thread_count = threads;
+  if (!shard.empty()) {
+    const auto n = parse_size(shard);
+    if (!n) {
+      std::fprintf(stderr, "dsd: --max-shard-size '%s' is not a size (e.g. 5GB, 500MB, 1073741824)\n", shard.c_str());
+      return kExitUsage;
+    }
+    o.max_shard_size = *n;
+  }
+  auto reader = StateReader::open(src);
+  if (!reader.ok()) return fail(reader.error());
+  ProgressBar bar("convert", g.progress, g.quiet);
+  o.progress = [&](uint64_t d, uint64_t t) { bar.update(d, t); };
+  dsd::Status s = dsd::checkpoint::convert(**reader, dst, *to, o);
+  bar.finish();
+  if (!s.ok()) return fail(s.error());
+  const double secs = bar.seconds();
+  const uint64_t bytes = (*reader)->tensor_bytes();
+  if (!g.quiet) {
+    std::printf("converted %s (%s) to %s (%s): %zu entries, %s in %.2f s (%s/s)\n", src.c_str(),
+                std::string(dsd::checkpoint::format_name((*reader)->format())).c_str(), dst.c_str(),
+                std::string(dsd::checkpoint::format_name(*to)).c_str(), (*reader)->items().size(),
+                human_bytes(static_cast<double>(bytes)).c_str(), secs,
+                human_bytes(static_cast<double>(bytes) / std::max(secs, 1e-6)).c_str());
+  }
+  return kExitOk;
+}
+
+// ---- diff -----------------------------------------------------------------------------------
+
+int diff(const std::string& a, const std::string& b, const Global& g) {
+  auto ra = StateReader::open(a);
+  if (!ra.ok()) return fail(ra.error());
+  auto rb = StateReader::open(b);
+  if (!rb.ok()) return fail(rb.error());
+  ProgressBar bar("diff", g.progress, g.quiet);
+  auto report = dsd::checkpoint::diff(**ra, **rb, [&](uint64_t d, uint64_t t) { bar.update(d, t); });
+  bar.finish();
+  if (!report.ok()) return fail(report.error());
+  for (const auto& k : report->only_in_a) std::printf("only in A: %s\n", k.c_str());
+  for (const auto& k : report->only_in_b) std::printf("only in B: %s\n", k.c_str());
+  for (const auto& [k, what] : report->differences) std::printf("differs: %s: %s\n", k.c_str(), what.c_str());
+  if (report->equal()) {
+    std::printf("equal: %zu entries, %s of tensor data compared\n", (*ra)->items().size(),
+                human_bytes(static_cast<double>(report->compared_bytes)).c_str());
+    return kExitOk;
+  }
+  return kExitDiffers;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"dsd: inspect, verify, convert and compare checkpoints (dsd, PyTorch DCP, torch.save, "
+               "safetensors)."};
+  app.footer(kExitCodesHelp);
+  app.require_subcommand(1);
+  app.fallthrough();  // --progress / --quiet also after the subcommand
+  Global g;
+  app.add_flag("--progress", g.progress, "Draw the progress bar even when stderr is not a terminal");
+  app.add_flag("-q,--quiet", g.quiet, "No progress bar, no summary line");
+
+  std::string path;
+  bool as_json = false;
+  CLI::App* ins = app.add_subcommand("inspect", "Keys, dtypes, shapes, chunks, bytes and save world size");
+  ins->add_option("PATH", path, "Checkpoint directory or file")->required();
+  ins->add_flag("--json", as_json, "JSON instead of a table");
+
+  CLI::App* ver = app.add_subcommand("verify", "Check every checksum and bound; exit 0 only if intact");
+  ver->add_option("PATH", path, "Checkpoint directory or file")->required();
+
+  std::string src;
+  std::string dst;
+  std::string to;
+  std::string shard;
+  bool overwrite = false;
+  int threads = 0;
+  CLI::App* conv = app.add_subcommand("convert", "Convert SRC (any format, detected) to DST in another format");
+  conv->add_option("SRC", src, "Source checkpoint directory or file")->required();
+  conv->add_option("DST", dst, "Destination")->required();
+  conv->add_option("--to", to, "Target format: dsd, dcp, torch or safetensors")->required();
+  conv->add_option("--max-shard-size", shard, "safetensors: most bytes per file (e.g. 5GB, 500MB; default 5GB)");
+  conv->add_flag("--overwrite", overwrite, "Replace DST if it exists");
+  conv->add_option("--threads", threads, "Writer threads (default: min(4, cores))")->check(CLI::NonNegativeNumber);
+
+  std::string a;
+  std::string b;
+  CLI::App* dif = app.add_subcommand("diff", "Compare two checkpoints of any formats; exit 0 only if equal");
+  dif->add_option("A", a, "First")->required();
+  dif->add_option("B", b, "Second")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "dsd: %s (see dsd --help)\n", e.what());
+    return kExitUsage;
+  }
+  if (ins->parsed()) return inspect(path, as_json);
+  if (ver->parsed()) return verify(path, g);
+  if (conv->parsed()) return convert(src, dst, to, shard, overwrite, threads, g);
+  if (dif->parsed()) return diff(a, b, g);
+  return kExitUsage;
+}

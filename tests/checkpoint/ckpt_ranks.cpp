@@ -28,7 +28,8 @@
 //   full_disk DIR R      rank R's file size limit is hit while it writes: kNoSpace on every
 //                        rank, the previous checkpoint intact and nothing of the new one left
 //   crash_save DIR A|B   saves state A or B over DIR (overwrite) for the crash driver; writes
-//                        its pid and a "started" marker to $CKPT_CONTROL_DIR when set; exits 3
+//                        its pid and "started"/"done" markers around the save to
+//                        $CKPT_CONTROL_DIR when set; exits 3
 //                        after printing "rank R: save failed: CODE: MESSAGE"
 // The communicator timeout is DSD_TEST_TIMEOUT_MS (default 20000).
 #include <ATen/ops/arange.h>
@@ -624,6 +625,7 @@ int scenario_crash_save(World& w, const std::string& dir, const std::string& whi
   write_control(fmt::format("pid{}", w.comm->rank()), std::to_string(::getpid()));
   write_control(fmt::format("started{}", w.comm->rank()), "");
   auto info = ck::save(*w.comm, *sd, dir, opt);
+  write_control(fmt::format("done{}", w.comm->rank()), "");
   if (!info.ok()) {
     std::printf("rank %d: save failed: %s\n", g_rank, error_text(info.error()).c_str());
     std::fflush(stdout);

@@ -6,6 +6,7 @@ uneven and empty shards, replicated DTensors and plain tensors, values) loads bi
 across ranks; async saves at world 4; an error on one rank (a missing key, a corrupt chunk only
 it reads, its disk full) is the error of every rank; the checkpoint manager at world 2.
 Each scenario checks its own results on every rank and prints "rank R: SCENARIO ok".
+The same through PyTorch DTensors (dtensor_ckpt.py): saved at world 4, loaded at 2 and 3.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ DSDRUN = os.environ["DSDRUN"]
 RANKS = os.environ["CKPT_RANKS"]
 
 
-def launch(n: int, *args, timeout: float = 150) -> subprocess.CompletedProcess:
+def launch(n: int, *args, timeout: float = 150, program=(RANKS,)) -> subprocess.CompletedProcess:
     """Runs `ckpt_ranks args...` on n ranks; dsdrun ends the job if a rank fails or hangs."""
-    cmd = [DSDRUN, "-n", str(n), "--timeout", str(int(timeout) - 10), "--grace", "10", RANKS, *map(str, args)]
+    cmd = [DSDRUN, "-n", str(n), "--timeout", str(int(timeout) - 10), "--grace", "10", *program, *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     sys.stdout.write(p.stdout)
     sys.stderr.write(p.stderr)
@@ -80,3 +81,15 @@ def test_checkpoint_manager_at_world2(tmp_path):
 def test_full_disk_on_one_rank_fails_every_rank_and_keeps_the_old_checkpoint(tmp_path):
     p = launch(4, "full_disk", tmp_path / "ck", 2)
     assert_all_ok(p, 4, "full_disk")
+
+
+def test_dtensors_saved_at_world4_load_into_other_layouts_at_2_and_3(tmp_path):
+    script = (sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dtensor_ckpt.py"))
+    path = tmp_path / "ck"
+    p = launch(4, "save", path, program=script, timeout=200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("dtensor save ok") == 4, p.stdout
+    for n in (2, 3):
+        p = launch(n, "load", path, program=script, timeout=200)
+        assert p.returncode == 0, p.stderr[-4000:]
+        assert p.stdout.count("dtensor load ok") == n, p.stdout

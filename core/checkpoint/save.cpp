@@ -421,7 +421,8 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
   if (ws.ok()) crash_point("save.after_write");
   ws = agree(comm, std::move(ws));
   if (!ws.ok()) {
-    // No rank got past this point, so nobody can commit: this save's files can go.
+    // The coordinator cannot commit without this rank's outcome, which it will not get now:
+    // this save's files can go.
     remove_all(out.created);
     return std::move(ws).error();
   }

@@ -12,6 +12,7 @@
 #include <random>
 
 #include "core/base/format.h"
+#include "core/checkpoint/crash_point.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -116,6 +117,14 @@ Status sync(const File& f) {
   return ok();
 }
 
+Status start_writeback(const File& f, uint64_t offset, uint64_t len) {
+  if (::sync_file_range(f.fd(), static_cast<off_t>(offset), static_cast<off_t>(len), SYNC_FILE_RANGE_WRITE) != 0 &&
+      errno != EINVAL && errno != ESPIPE && errno != ENOSYS) {
+    return io_error(errno, f.path(), "cannot start writing back");
+  }
+  return ok();
+}
+
 Status sync_dir(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return io_error(errno, dir, "cannot open directory");
@@ -200,6 +209,7 @@ Status write_file_atomic(const std::string& dir, std::string_view name, std::str
       return s;
     }
   }
+  crash_point("atomic_write.before_rename");
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
     Error e = io_error(errno, final_path, "cannot rename into place");
     (void)remove_file(tmp);

@@ -2,7 +2,6 @@
 
 #include <ATen/ops/empty.h>
 #include <fmt/ranges.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <deque>
@@ -30,6 +29,9 @@ namespace {
 
 // Upper bound of one read work unit (several blocks), so big chunks are read in parallel.
 constexpr uint64_t kUnitBytes = 64u << 20;
+// Bytes read then hashed in one step: small enough to stay in the core's cache between the
+// two, large enough that the syscalls cost nothing.
+constexpr uint64_t kStepBytes = 1u << 20;
 constexpr uint64_t kMaxManifestBytes = 1u << 30;
 
 // A contiguous byte run of a saved chunk and where it lands.
@@ -170,11 +172,7 @@ class Reader {
     std::atomic<uint64_t> total{0};
     Status s = parallel_for(units.size(), threads, [&](size_t i) -> Status {
       thread_local std::unique_ptr<char[]> bounce;
-      thread_local uint64_t bounce_size = 0;
-      if (bounce_size < block_size_) {
-        bounce.reset(new char[block_size_]);
-        bounce_size = block_size_;
-      }
+      if (!bounce) bounce.reset(new char[kStepBytes]);
       uint64_t n = 0;
       const ChunkRead& r = reads_[units[i].read];
       Status st = read_unit(r, units[i], bounce.get(), n);
@@ -187,14 +185,10 @@ class Reader {
   }
 
  private:
-  Status check_block(const ChunkRead& r, uint64_t b, const char* data, uint64_t len) const {
-    if (!verify_) return ok();
-    if (b >= r.chunk->blocks.size() || XXH3_64bits(data, len) != r.chunk->blocks[b]) {
-      return checksum_error(r, b * block_size_, b * block_size_ + len);
-    }
-    return ok();
-  }
-
+  // Reads the blocks of a unit that hold needed bytes, in steps small enough that each is
+  // hashed while it is still in the core's cache: a step inside one run is read straight
+  // into the destination, any other through the bounce buffer, whose needed parts are then
+  // copied out. A whole block is always read (and verified), even when only part is needed.
   Status read_unit(const ChunkRead& r, const Unit& u, char* bounce, uint64_t& bytes) const {
     if (r.memory.defined()) {
       const char* src = static_cast<const char*>(r.memory.const_data_ptr());
@@ -205,41 +199,38 @@ class Reader {
     const uint64_t chunk_len = r.chunk->nbytes();
     auto run_it = std::upper_bound(r.runs.begin(), r.runs.end(), u.first_block * block_size_,
                                    [](uint64_t v, const Run& run) { return v < run.src + run.len; });
-    uint64_t b = u.first_block;
-    while (b < u.end_block) {
+    XXH3_state_t state;
+    for (uint64_t b = u.first_block; b < u.end_block; ++b) {
       const uint64_t bstart = b * block_size_;
       const uint64_t bend = std::min(bstart + block_size_, chunk_len);
       while (run_it != r.runs.end() && run_it->src + run_it->len <= bstart) ++run_it;
       if (run_it == r.runs.end()) return ok();
-      if (run_it->src >= bend) {
-        ++b;  // no byte of this block is needed
-        continue;
-      }
-      if (run_it->src <= bstart && run_it->src + run_it->len >= bend) {
-        // Whole blocks inside one run: read them straight into the destination.
-        uint64_t e = b + 1;
-        while (e < u.end_block && std::min((e + 1) * block_size_, chunk_len) <= run_it->src + run_it->len) ++e;
-        const uint64_t span_end = std::min(e * block_size_, chunk_len);
-        char* dst = run_it->dst + (bstart - run_it->src);
-        TRY(pread_all(f, dst, span_end - bstart, r.chunk->begin + bstart));
-        bytes += span_end - bstart;
-        for (uint64_t k = b; k < e; ++k) {
-          const uint64_t ks = k * block_size_;
-          TRY(check_block(r, k, dst + (ks - bstart), std::min(ks + block_size_, chunk_len) - ks));
+      if (run_it->src >= bend) continue;  // no byte of this block is needed
+      if (verify_) XXH3_64bits_reset(&state);
+      auto it = run_it;
+      for (uint64_t ps = bstart; ps < bend; ps += kStepBytes) {
+        const uint64_t pe = std::min(ps + kStepBytes, bend);
+        while (it != r.runs.end() && it->src + it->len <= ps) ++it;
+        const char* data;
+        if (it != r.runs.end() && it->src <= ps && it->src + it->len >= pe) {
+          char* dst = it->dst + (ps - it->src);
+          TRY(pread_all(f, dst, pe - ps, r.chunk->begin + ps));
+          data = dst;
+        } else {
+          TRY(pread_all(f, bounce, pe - ps, r.chunk->begin + ps));
+          for (auto k = it; k != r.runs.end() && k->src < pe; ++k) {
+            const uint64_t from = std::max(k->src, ps);
+            const uint64_t to = std::min(k->src + k->len, pe);
+            std::memcpy(k->dst + (from - k->src), bounce + (from - ps), to - from);
+          }
+          data = bounce;
         }
-        b = e;
-        continue;
+        if (verify_) XXH3_64bits_update(&state, data, pe - ps);
+        bytes += pe - ps;
       }
-      // Partly needed: the whole block through the bounce buffer, so it can be verified.
-      TRY(pread_all(f, bounce, bend - bstart, r.chunk->begin + bstart));
-      bytes += bend - bstart;
-      TRY(check_block(r, b, bounce, bend - bstart));
-      for (auto it = run_it; it != r.runs.end() && it->src < bend; ++it) {
-        const uint64_t from = std::max(it->src, bstart);
-        const uint64_t to = std::min(it->src + it->len, bend);
-        std::memcpy(it->dst + (from - it->src), bounce + (from - bstart), to - from);
+      if (verify_ && (b >= r.chunk->blocks.size() || XXH3_64bits_digest(&state) != r.chunk->blocks[b])) {
+        return checksum_error(r, bstart, bend);
       }
-      ++b;
     }
     return ok();
   }

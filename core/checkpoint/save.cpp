@@ -15,6 +15,7 @@
 #include "core/base/format.h"
 #include "core/base/torch_call.h"
 #include "core/checkpoint/chunk_hash.h"
+#include "core/checkpoint/crash_point.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/planner.h"
 #include "core/checkpoint/save_internal.h"
@@ -30,8 +31,14 @@ namespace {
 
 using nlohmann::json;
 
-// Largest piece written (or staged through the host buffer) in one go.
+// Largest piece staged through the host buffer in one go.
 constexpr uint64_t kPieceBytes = 64u << 20;
+// Bytes hashed then written in one step: small enough to stay in the core's cache between
+// the two, large enough that the syscalls cost nothing.
+constexpr uint64_t kStepBytes = 1u << 20;
+// With sync_files, writeback of what was written is started every this many bytes, so the
+// disk works while later bytes are copied and the final fsync finds little left to do.
+constexpr uint64_t kWriteBehindBytes = 32u << 20;
 
 }  // namespace
 
@@ -106,6 +113,27 @@ Status for_each_piece(const at::Tensor& t, const std::string& key, Fn&& fn) {
   });
 }
 
+// Starts the writeback of a data file's bytes as they are written (sync_file_range), so a
+// durable save streams to disk instead of waiting for all of it in the final fsync.
+class WriteBehind {
+ public:
+  WriteBehind(const File& f, bool enabled, uint64_t offset) : f_(f), enabled_(enabled), start_(offset), end_(offset) {}
+
+  Status wrote(uint64_t n) {
+    end_ += n;
+    if (!enabled_ || end_ - start_ < kWriteBehindBytes) return ok();
+    TRY(start_writeback(f_, start_, end_ - start_));
+    start_ = end_;
+    return ok();
+  }
+
+ private:
+  const File& f_;
+  bool enabled_;
+  uint64_t start_;
+  uint64_t end_;
+};
+
 std::map<std::string, std::string> file_metadata(const RankPlan& rp, const FilePlan& fp) {
   json sharding = json::object();
   for (size_t i : fp.items) sharding[rp.items[i].key] = {{"saved_offsets", rp.items[i].offsets}};
@@ -132,6 +160,8 @@ Status write_file(const std::string& dir, const RankPlan& rp, const FilePlan& fp
     out.created.push_back(full);
   }
   TRY(write_all(f, header.data(), header.size()));
+  WriteBehind behind(f, opt.sync_files, header.size());
+  bool first_step = true;
   std::vector<WrittenChunk> chunks;
   for (size_t k = 0; k < fp.items.size(); ++k) {
     const WriteItem& it = rp.items[fp.items[k]];
@@ -140,8 +170,20 @@ Status write_file(const std::string& dir, const RankPlan& rp, const FilePlan& fp
     ChunkHasher hasher(opt.block_size);
     const at::Tensor data = TRY(source_tensor(src->second, it.key, opt));
     TRY(for_each_piece(data, it.key, [&](const void* p, uint64_t len) -> Status {
-      hasher.feed(p, len);
-      return write_all(f, p, len);
+      // Hash and write in cache-sized steps, so the write copies bytes the hash just
+      // brought into the cache instead of reading them from memory a second time.
+      const auto* bytes = static_cast<const char*>(p);
+      for (uint64_t off = 0; off < len; off += kStepBytes) {
+        const uint64_t n = std::min(kStepBytes, len - off);
+        hasher.feed(bytes + off, n);
+        TRY(write_all(f, bytes + off, n));
+        TRY(behind.wrote(n));
+        if (first_step) {
+          first_step = false;
+          crash_point("save.mid_write");
+        }
+      }
+      return ok();
     }));
     WrittenChunk c;
     c.key = it.key;
@@ -261,11 +303,18 @@ void remove_stale_files(const std::string& path, const Manifest& m) {
   if (!names.ok()) return;
   std::set<std::string> keep;
   for (const FileRecord& f : m.files) keep.insert(f.name);
+  bool removed_one = false;
   for (const std::string& n : *names) {
     const bool stale_data = is_data_file_name(n) && keep.count(n) == 0;
     const bool stale_tmp = n.starts_with(std::string(kManifestName) + ".tmp-");
     // A DCP checkpoint this save replaced (overwrite) in the same directory.
-    if (stale_data || stale_tmp || is_dcp_file_name(n)) (void)remove_file(join(path, n));
+    const bool stale_dcp = is_dcp_file_name(n);
+    if (!stale_data && !stale_tmp && !stale_dcp) continue;
+    (void)remove_file(join(path, n));
+    if (stale_data && !removed_one) {
+      removed_one = true;
+      crash_point("save.after_cleanup_one");
+    }
   }
 }
 
@@ -373,7 +422,7 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
   SourceMap sources;
   LocalPlan local;
   Status st = std::move(incoming);
-  if (st.ok() && opt.block_size < 4096 || (opt.block_size & (opt.block_size - 1)) != 0) {
+  if (st.ok() && (opt.block_size < 4096 || (opt.block_size & (opt.block_size - 1)) != 0)) {
     st = make_error(Code::kInvalidArgument, "block size {} is not a power of two >= 4096", opt.block_size);
   }
   if (st.ok()) {
@@ -395,26 +444,39 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
   global.manifest.block_size = opt.block_size;
 
   RankOutcome out;
+  crash_point("save.before_write");
   Status ws = write_rank_files(path, rank, global.ranks[static_cast<size_t>(rank)], sources, opt, out);
+  if (ws.ok()) crash_point("save.after_write");
   ws = agree(comm, std::move(ws));
   if (!ws.ok()) {
+    // The coordinator cannot commit without this rank's outcome, which it will not get now:
+    // this save's files can go.
     remove_all(out.created);
     return std::move(ws).error();
   }
+  // From here on the coordinator may commit as soon as it has every outcome, even when this
+  // rank's side of a collective fails, so only the coordinator, which knows whether it
+  // committed, removes files on failure; other ranks' files of a failed save stay as orphans
+  // that the next save to this directory removes.
   auto outcomes = all_gather_bytes(comm, outcome_to_json(out));
   if (!outcomes.ok()) {
-    remove_all(out.created);
+    if (rank == 0) remove_all(out.created);
     return std::move(outcomes).error();
   }
   Status cs = ok();
+  bool committed = false;
   if (rank == 0) {
     cs = merge_outcomes(global.manifest, *outcomes);
     if (cs.ok()) cs = sync_dir(path);
+    if (cs.ok()) crash_point("save.before_commit");
     if (cs.ok()) cs = write_file_atomic(path, kManifestName, manifest_to_json(global.manifest));
+    committed = cs.ok();
+    if (committed) crash_point("save.after_commit");
   }
   cs = agree(comm, std::move(cs));
   if (!cs.ok()) {
-    remove_all(out.created);
+    // After a commit the new checkpoint is complete even though a peer failed to hear of it.
+    if (rank == 0 && !committed) remove_all(out.created);
     return std::move(cs).error();
   }
   if (rank == 0) remove_stale_files(path, global.manifest);

@@ -47,6 +47,16 @@ struct SaveInfo {
   int files_written = 0;       // by this rank
 };
 
+// Crash consistency: data files are new files named after the save id, the manifest is
+// replaced atomically (core/checkpoint/io.h write_file_atomic) only after every rank's data
+// files are fsynced, and the replaced checkpoint's files are removed only after that. A crash
+// or kill of any rank at any moment leaves the directory holding the previous checkpoint or
+// the new one, complete; never a mix, never a partial one that loads. A failure reported
+// after the coordinator committed (a peer died while hearing of the commit) leaves the new
+// checkpoint in place. Files of a failed save that could not safely be removed (another rank
+// may have been committing) are removed by the next successful save to the same directory.
+// core/checkpoint/crash_point.h names the moments the crash tests kill a rank at.
+//
 // Saves `state_dict` to the directory `path` (created if needed), in options.format. Tensors may live on CPU or
 // CUDA (copied through a bounded host buffer); non-tensor leaves go into the manifest.
 // Errors: kExists (a checkpoint is there and !overwrite), kNoSpace (disk full or file size

@@ -30,8 +30,7 @@ using nlohmann::json;
 using ordered_json = nlohmann::ordered_json;
 
 int writer_threads(int requested) {
-  if (requested > 0) return requested;
-  return static_cast<int>(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
+  return default_threads(requested, 4);
 }
 
 // Counts bytes done across threads and reports them.

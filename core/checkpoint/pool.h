@@ -37,9 +37,15 @@ Status parallel_for(size_t n, int threads, Fn&& fn) {
   return ok();
 }
 
+// The cores this process may run on, shared among the ranks started on this machine
+// (LOCAL_WORLD_SIZE from torchrun/dsdrun, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun): four ranks
+// on a machine with 8 cores get 2 threads each, not 8, so their pools do not fight over cores.
+int cores_per_local_rank();
+
+// `requested` threads when positive, else cores_per_local_rank() capped at `cap`.
 inline int default_threads(int requested, unsigned cap) {
   if (requested > 0) return requested;
-  return static_cast<int>(std::min(cap, std::max(1u, std::thread::hardware_concurrency())));
+  return std::min(static_cast<int>(cap), cores_per_local_rank());
 }
 
 }  // namespace dsd::checkpoint

@@ -18,6 +18,7 @@
 #include "core/checkpoint/crash_point.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/planner.h"
+#include "core/checkpoint/pool.h"
 #include "core/checkpoint/save_internal.h"
 #include "core/checkpoint/value_json.h"
 #include "core/dist/layout.h"
@@ -413,7 +414,7 @@ Result<SaveInfo> save(Communicator& comm, const Dict& state_dict, const std::str
 Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, const std::string& path,
                                   const SaveOptions& options, Status incoming) {
   SaveOptions opt = options;
-  if (opt.thread_count <= 0) opt.thread_count = static_cast<int>(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
+  opt.thread_count = default_threads(opt.thread_count, 4);
   if (opt.format == Format::kDcp) return save_dcp(comm, state_dict, path, opt, std::move(incoming));
   if (opt.format != Format::kDsd && incoming.ok()) {
     incoming = make_error(Code::kInvalidArgument, "a checkpoint is saved as dsd or dcp, not {}", format_name(opt.format));

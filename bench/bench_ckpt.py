@@ -276,36 +276,17 @@ class Contenders:
 
     def __init__(self, r: Rank, total: int):
         import dsd
-        from dsd._checkpoint import _load_options, _save_options
-        from dsd._errors import call
-        from dsd._lib import ffi, lib
-        self.r, self.total = r, total
-        self.dsd, self.ffi, self.lib, self.call = dsd, ffi, lib, call
-        self.save_opts, self.load_opts = _save_options, _load_options
+        self.r, self.total, self.dsd = r, total, dsd
 
-    # dsd: the public Python API at world 1; the C ABI with a communicator otherwise (the
-    # Python API takes no communicator yet).
+    # dsd: the public Python API, with the rank's communicator at world > 1.
     def dsd_save(self, sd, path, sync=True):
-        if self.r.world == 1:
-            self.dsd.save(sd, path, sync_files=sync)
-            return
-        h = self.dsd.StateDict.from_python(sd, self.r.comm)
-        self.call(self.lib.dsd_save, self.r.comm.ptr, h.ptr, path.encode(), self.save_opts(sync_files=sync))
+        self.dsd.save(sd, path, sync_files=sync, comm=self.r.comm)
 
     def dsd_async_save(self, sd, path):
-        if self.r.world == 1:
-            return self.dsd.async_save(sd, path)
-        h = self.dsd.StateDict.from_python(sd, self.r.comm)
-        out = self.ffi.new("dsd_future**")
-        self.call(self.lib.dsd_save_async, self.r.comm.ptr, h.ptr, path.encode(), self.save_opts(), out)
-        return self.dsd.SaveFuture(out[0])
+        return self.dsd.async_save(sd, path, comm=self.r.comm)
 
     def dsd_load(self, sd, path):
-        if self.r.world == 1:
-            self.dsd.load(sd, path)
-            return
-        h = self.dsd.StateDict.from_python(sd, self.r.comm)
-        self.call(self.lib.dsd_load, self.r.comm.ptr, h.ptr, path.encode(), self.load_opts(), self.ffi.NULL)
+        self.dsd.load(sd, path, comm=self.r.comm)
 
     def dcp_save(self, sd, path):
         import torch.distributed.checkpoint as dcp

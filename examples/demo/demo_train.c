@@ -229,6 +229,29 @@ static void trainer_init(Trainer* tr, int init_weights) {
   }
 }
 
+/* Releases everything trainer_init made: handles, the registries, then the trainer's buffers
+ * (dsd no longer refers to them once the last handle and registry are gone). */
+static void trainer_free(Trainer* tr) {
+  for (int k = 0; k < nspecs; ++k) {
+    if (specs[k].tied_to >= 0) continue; /* shares the handles of the parameter it is tied to */
+    Param* p = &tr->p[k];
+    CHECK(dsd_tensor_release(p->hw, ERR));
+    CHECK(dsd_tensor_release(p->hm, ERR));
+    CHECK(dsd_tensor_release(p->hv, ERR));
+    CHECK(dsd_tensor_release(p->hstep, ERR));
+    CHECK(dsd_layout_release(p->layout, ERR));
+  }
+  dsd_optim_free(tr->optim);
+  dsd_model_free(tr->model);
+  dsd_state_dict_free(tr->hyper);
+  dsd_mesh_free(tr->mesh);
+  dsd_comm_free(tr->comm);
+  for (int k = 0; k < nspecs; ++k) {
+    if (specs[k].tied_to >= 0) continue;
+    free(tr->p[k].w), free(tr->p[k].m), free(tr->p[k].v);
+  }
+}
+
 static void train_step(Trainer* tr) {
   for (int k = 0; k < nspecs; ++k) {
     const Spec* s = &specs[k];
@@ -361,6 +384,7 @@ static int do_train(const char* dir, int steps, int every) {
   }
   dsd_state_dict_free(full);
   dsd_checkpoint_manager_free(manager);
+  trainer_free(&tr);
   return 0;
 }
 
@@ -414,6 +438,7 @@ static int do_resume(const char* dir, int more_steps) {
   for (int s = 0; s < more_steps; ++s) train_step(&tr);
   if (g_rank == 0 && more_steps > 0) printf("trained %d more steps at world %d\n", more_steps, g_world);
   dsd_checkpoint_manager_free(manager);
+  trainer_free(&tr);
   return status;
 }
 

@@ -306,7 +306,9 @@ TEST_F(DcpChunks, TensorChunkHoldsOnlyItsBytesAndIsLocated) {
     EXPECT_EQ(rec.storage_nbytes, static_cast<uint64_t>(c.chunk.numel()) * 8) << "only the chunk's bytes";
     const at::Tensor expected = c.chunk.contiguous();
     ASSERT_LE(rec.storage_data_offset + rec.storage_nbytes, file.size());
-    EXPECT_EQ(std::memcmp(file.data() + rec.storage_data_offset, expected.const_data_ptr(), rec.storage_nbytes), 0);
+    if (rec.storage_nbytes > 0) {  // an empty chunk's tensor has no data pointer to compare
+      EXPECT_EQ(std::memcmp(file.data() + rec.storage_data_offset, expected.const_data_ptr(), rec.storage_nbytes), 0);
+    }
     EXPECT_TRUE(tensor_bitwise_equal(MUST(dcp::read_tensor_chunk(path("f.distcp"), c.info)), expected));
   }
 }

@@ -78,9 +78,9 @@ def test_inspect_table_and_json(tmp_path):
 
 
 def test_inspect_shows_the_save_world_size_and_chunks(tmp_path):
-    import torch.multiprocessing as mp
     import dcp_engine_workers as w
-    mp.spawn(w.dsd_save_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "ck"), "dsd"), nprocs=2, join=True)
+    import mp_util
+    mp_util.spawn(w.dsd_save_worker, 2, 2, str(tmp_path / "store"), str(tmp_path / "ck"), "dsd")
     j = json.loads(ok("inspect", "--json", tmp_path / "ck").stdout)
     assert j["format"] == "dsd" and j["world_size"] == 2
     entries = {e["key"]: e for e in j["entries"]}

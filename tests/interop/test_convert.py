@@ -12,10 +12,10 @@ import pytest
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 
 import dcp_engine_workers as w
 import dsd
+import mp_util
 
 warnings.simplefilter("ignore")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -238,7 +238,7 @@ def test_import_safetensors_written_by_the_library(tmp_path):
 
 def test_sharded_dcp_checkpoint_consolidates_to_safetensors(tmp_path):
     ckpt = tmp_path / "ckpt"
-    mp.spawn(w.dcp_save_worker, args=(4, str(tmp_path / "store"), str(ckpt)), nprocs=4, join=True)
+    mp_util.spawn(w.dcp_save_worker, 4, 4, str(tmp_path / "store"), str(ckpt))
     dsd.convert(ckpt, tmp_path / "hf", "safetensors", max_shard_size=100)
     want = w.global_state()
     shards = {}

@@ -15,18 +15,18 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 import dcp_engine_workers as w
 import dsd
+import mp_util
 
 warnings.simplefilter("ignore")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def spawn(fn, world, *args):
-    mp.spawn(fn, args=(world, *args), nprocs=world, join=True)
+    mp_util.spawn(fn, world, world, *args)
 
 
 def tensor_bytes(t):

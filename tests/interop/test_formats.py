@@ -16,11 +16,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import dcp_workers
+import mp_util
 
 warnings.simplefilter("ignore")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -380,7 +380,7 @@ def test_dcp_metadata_written_back_is_read_by_pytorch(tmp_path):
 
 
 def run_world4(fn, *args):
-    mp.spawn(fn, args=args, nprocs=dcp_workers.WORLD, join=True)
+    mp_util.spawn(fn, dcp_workers.WORLD, *args)
 
 
 def test_dcp_world4_sharded_checkpoint(tmp_path):

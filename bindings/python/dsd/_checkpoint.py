@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from . import _dist
 from ._errors import call
 from ._lib import ffi, lib
-from ._state_dict import to_dsd, to_python
+from ._state_dict import TENSOR, to_dsd, to_python
 
 FORMATS = {"dsd": 0, "dcp": 1, "torch": 2, "safetensors": 3}
 _FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
@@ -145,7 +145,7 @@ def _merge_values(target, loaded) -> None:
     items = loaded.items() if isinstance(loaded, Mapping) else enumerate(loaded)
     for k, v in items:
         cur = target[k]
-        if _is_tensor(cur):
+        if _is_tensor(cur) or v is TENSOR:
             continue
         if isinstance(cur, Mapping) and isinstance(v, Mapping):
             _merge_values(cur, v)
@@ -164,7 +164,7 @@ def _load_into(fn, state_dict, *args, comm=None):
             report = _report(out[0])
         finally:
             lib.dsd_load_report_free(out[0])
-        _merge_values(state_dict, to_python(sd))
+        _merge_values(state_dict, to_python(sd, tensors=False))
     return report
 
 
@@ -300,5 +300,5 @@ class CheckpointManager:
         with _Tree(state_dict) as sd:
             call(lib.dsd_checkpoint_manager_load_latest, self._ptr, ffi.NULL, sd, opts, found, step)
             if found[0]:
-                _merge_values(state_dict, to_python(sd))
+                _merge_values(state_dict, to_python(sd, tensors=False))
         return int(step[0]) if found[0] else None

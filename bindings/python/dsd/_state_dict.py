@@ -142,7 +142,7 @@ def to_dsd(obj, path: str = "", ctx=None):
     raise TypeError(f"expected a dict, list or tuple, got {type(obj)}")
 
 
-def _get(sd, i: int, kind: int, ctx):
+def _get(sd, i: int, kind: int, ctx, tensors: bool = True):
     if kind == lib.DSD_KIND_NONE:
         return None
     if kind == lib.DSD_KIND_BOOL:
@@ -165,6 +165,8 @@ def _get(sd, i: int, kind: int, ctx):
             return ffi.unpack(data[0], n[0]).decode("utf-8")
         call(lib.dsd_state_dict_get_bytes, sd, i, data, n)
         return ffi.unpack(ffi.cast("char*", data[0]), n[0])
+    if kind == lib.DSD_KIND_TENSOR and not tensors:
+        return TENSOR
     if kind == lib.DSD_KIND_TENSOR:
         out = ffi.new("dsd_tensor*")
         call(lib.dsd_state_dict_get_tensor, sd, i, out)
@@ -185,13 +187,19 @@ def _get(sd, i: int, kind: int, ctx):
     out = ffi.new("dsd_state_dict**")
     call(lib.dsd_state_dict_get_child, sd, i, out)
     try:
-        return to_python(out[0], ctx)
+        return to_python(out[0], ctx, tensors)
     finally:
         lib.dsd_state_dict_free(out[0])
 
 
-def to_python(sd, ctx=None):
-    """A Python dict or list (or tuple) with the structure of a dsd container."""
+# Stands for a tensor leaf in to_python(..., tensors=False).
+TENSOR = object()
+
+
+def to_python(sd, ctx=None, tensors: bool = True):
+    """A Python dict or list (or tuple) with the structure of a dsd container. With
+    tensors=False every tensor leaf is TENSOR instead (what a load that filled the tensors in
+    place needs back: only the values, without building a tensor or DTensor per leaf)."""
     if ctx is None:
         ctx = _dist.MeshCache()
     kind = ffi.new("dsd_kind*")
@@ -204,7 +212,7 @@ def to_python(sd, ctx=None):
         items = []
         for i in range(n[0]):
             call(lib.dsd_state_dict_kind, sd, i, k)
-            items.append(_get(sd, i, k[0], ctx))
+            items.append(_get(sd, i, k[0], ctx, tensors))
         return tuple(items) if is_tuple[0] else items
     int_keyed = ffi.new("bool*")
     call(lib.dsd_state_dict_int_keys, sd, int_keyed)
@@ -214,5 +222,6 @@ def to_python(sd, ctx=None):
         call(lib.dsd_state_dict_key, sd, i, key)
         name = ffi.string(key[0]).decode("utf-8")
         call(lib.dsd_state_dict_kind, sd, i, k)
-        result[int(name) if int_keyed[0] else name] = _get(sd, i, k[0], ctx)
+        result[int(name) if int_keyed[0] else name] = _get(sd, i, k[0], ctx, tensors)
     return result
+

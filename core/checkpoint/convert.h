@@ -99,7 +99,7 @@ struct ConvertOptions {
   // safetensors: the most bytes of tensor data per file (a bigger tensor gets a file of its
   // own), as Hugging Face's max_shard_size. 0: one file.
   uint64_t max_shard_size = 5'000'000'000;
-  // Writer threads; 0 picks min(4, cores).
+  // Writer threads; 0 picks min(4, cores per local rank) (checkpoint/pool.h).
   int thread_count = 0;
   ProgressFn progress;
 };

@@ -20,7 +20,7 @@ struct LoadOptions {
   // A key of the state dict missing from the checkpoint is an error (kNotFound naming it);
   // otherwise it is left as it is and reported.
   bool strict = true;
-  // Reader threads; 0 picks min(8, cores).
+  // Reader threads; 0 picks min(8, cores per local rank) (checkpoint/pool.h).
   int thread_count = 0;
   // Check the block checksums of every byte read (kCorrupt naming file and key on mismatch).
   bool verify = true;

@@ -23,7 +23,9 @@ struct SaveOptions {
   // Replace an existing checkpoint at the path. Its files are removed only after the new
   // manifest is committed, so a failed save leaves it intact. Without it: kExists.
   bool overwrite = false;
-  // Writer threads per rank, each writing its own data file; 0 picks min(4, cores).
+  // Writer threads per rank, each writing its own data file; 0 picks min(4, cores per
+  // local rank): the cores this process may use divided among the ranks on its machine
+  // (LOCAL_WORLD_SIZE or OMPI_COMM_WORLD_LOCAL_SIZE), see checkpoint/pool.h.
   int thread_count = 0;
   // DCP's dedup_save_to_lowest_rank.
   bool save_to_lowest_rank = false;

@@ -589,27 +589,23 @@ def _names_array(names: Iterable[str], keep):
     return ffi.new("char*[]", encoded), len(encoded)
 
 
-def optim_state_dict_to_fqn(positional: dict, names: list[str]) -> dict:
-    """PyTorch's optim.state_dict() (ids) -> FQN form, given the FQN of each parameter id."""
+def _remap(fn, state_dict: dict, names: list[str]) -> dict:
     keep = []
     arr, n = _names_array(names, keep)
-    sd = _state_dict.to_dsd(positional)
+    sd = _state_dict.to_dsd(state_dict)
     out = ffi.new("dsd_state_dict**")
     try:
-        call(lib.dsd_optim_state_dict_to_fqn, sd, arr, n, out)
+        call(fn, sd, arr, n, out)
     finally:
         lib.dsd_state_dict_free(sd)
     return _to_python(out[0])
+
+
+def optim_state_dict_to_fqn(positional: dict, names: list[str]) -> dict:
+    """PyTorch's optim.state_dict() (ids) -> FQN form, given the FQN of each parameter id."""
+    return _remap(lib.dsd_optim_state_dict_to_fqn, positional, names)
 
 
 def optim_state_dict_to_positional(fqn_form: dict, names: list[str]) -> dict:
     """FQN form -> PyTorch's optim.state_dict() form (ids), given the FQN of each parameter id."""
-    keep = []
-    arr, n = _names_array(names, keep)
-    sd = _state_dict.to_dsd(fqn_form)
-    out = ffi.new("dsd_state_dict**")
-    try:
-        call(lib.dsd_optim_state_dict_to_positional, sd, arr, n, out)
-    finally:
-        lib.dsd_state_dict_free(sd)
-    return _to_python(out[0])
+    return _remap(lib.dsd_optim_state_dict_to_positional, fqn_form, names)

@@ -759,7 +759,8 @@ typedef struct dsd_checkpoint_manager dsd_checkpoint_manager;
 typedef struct dsd_save_options {
   uint32_t struct_size;     /* sizeof(dsd_save_options), set by dsd_save_options_init */
   bool overwrite;           /* replace an existing checkpoint (after the new one commits) */
-  int32_t thread_count;     /* writer threads (= data files) per rank; 0: min(4, cores) */
+  int32_t thread_count;     /* writer threads (= data files) per rank; 0: min(4, C), C =
+                               the usable cores / ranks on this machine (LOCAL_WORLD_SIZE) */
   bool save_to_lowest_rank; /* replicated chunks written by the lowest rank, not balanced */
   bool sync_files;          /* fsync data files before the commit (default true) */
   uint64_t block_size;      /* bytes per checksummed block, a power of two >= 4096 (4 MiB) */
@@ -773,7 +774,7 @@ void dsd_save_options_init(dsd_save_options* options);
 typedef struct dsd_load_options {
   uint32_t struct_size;  /* sizeof(dsd_load_options), set by dsd_load_options_init */
   bool strict;           /* a key missing from the checkpoint is an error (default true) */
-  int32_t thread_count;  /* reader threads; 0: min(8, cores) */
+  int32_t thread_count;  /* reader threads; 0: min(8, C), C as for saves */
   bool verify;           /* check the checksum of every byte read (default true) */
 } dsd_load_options;
 
@@ -896,7 +897,7 @@ typedef int32_t dsd_format;
 typedef struct dsd_convert_options {
   uint32_t struct_size;    /* sizeof(dsd_convert_options), set by dsd_convert_options_init */
   bool overwrite;          /* replace what is at the destination once the new output is complete */
-  int32_t thread_count;    /* writer threads; 0: min(4, cores) */
+  int32_t thread_count;    /* writer threads; 0: min(4, C), C as for saves */
   uint64_t max_shard_size; /* safetensors: most data bytes per file (default 5e9; 0: one file) */
 } dsd_convert_options;
 

@@ -1,6 +1,8 @@
 // abi.call_ns: the cost of a trivial C ABI call that looks a tensor handle up in the table
-// (lock, generation check, strong reference, guard), against a plain indirect call that does
-// nothing, measured in the same run.
+// (generation check, strong reference, guard). abi.call_vs_plain: that call against a plain
+// exported call that takes no handle (dsd_dtype_size: the same PLT jump into libdsd, no table),
+// measured in the same run. BM_AbiVersion (a constant) is the bare call into libdsd, and
+// BM_PlainCall the floor of an indirect call inside the binary.
 #include <benchmark/benchmark.h>
 
 #include <vector>
@@ -12,7 +14,7 @@ namespace {
 dsd_tensor make_tensor(std::vector<float>& buf) {
   const int64_t shape[1] = {static_cast<int64_t>(buf.size())};
   dsd_tensor t{};
-  if (dsd_tensor_from_blob(buf.data(), DSD_DTYPE_F32, 1, shape, nullptr, {DSD_DEVICE_CPU, 0}, false,
+  if (dsd_tensor_from_blob(buf.data(), DSD_DTYPE_F32, shape, 1, nullptr, {DSD_DEVICE_CPU, 0}, false,
                            nullptr, nullptr, &t, nullptr) != DSD_OK) {
     std::abort();
   }
@@ -53,6 +55,36 @@ void BM_PlainCall(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_PlainCall);
+
+// The baseline of abi.call_vs_plain: an exported libdsd function without a handle.
+void BM_PlainExportedCall(benchmark::State& state) {
+  dsd_dtype dtype = DSD_DTYPE_F32;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(dtype);
+    benchmark::DoNotOptimize(dsd_dtype_size(dtype));
+  }
+}
+BENCHMARK(BM_PlainExportedCall);
+
+// A plain exported call of a fallible function: the same guard, argument check and output write
+// as dsd_tensor_info_get, without a handle lookup. call_vs_plain = what the lookup adds.
+void BM_GuardedCall(benchmark::State& state) {
+  dsd_comm* comm = nullptr;
+  if (dsd_comm_new_local(&comm, nullptr) != DSD_OK) state.SkipWithError("dsd_comm_new_local failed");
+  int32_t rank = -1;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(dsd_comm_rank(comm, &rank, nullptr));
+    benchmark::DoNotOptimize(rank);
+  }
+  dsd_comm_release(comm);
+}
+BENCHMARK(BM_GuardedCall);
+
+// The bare cost of entering libdsd: a function that returns a constant (call and return only).
+void BM_AbiVersion(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(dsd_abi_version());
+}
+BENCHMARK(BM_AbiVersion);
 
 void BM_StaleHandle(benchmark::State& state) {
   std::vector<float> buf(16);

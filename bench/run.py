@@ -20,6 +20,7 @@ REPO = os.path.dirname(HERE)
 # figure -> (target, "<=" or ">=", what it means)
 TARGETS = {
     "abi.call_ns": (50, "<=", "trivial C ABI call with a handle lookup, ns"),
+    "abi.call_vs_plain": (10, "<=", "handle call (dsd_tensor_info_get) / plain exported fallible call (dsd_comm_rank), same run"),
     "statedict.get_vs_map": (3, "<=", "get_model_state_dict of 10k tensors / building a std::map"),
     "dist.gather_vs_allgather": (0.9, ">=", "full gather at world 4 / raw all-gather of the bytes"),
     "dist.bcast_peak_ratio": (1.3, "<=", "broadcast_from_rank0 peak RSS / (shard + bucket + RSS before)"),
@@ -41,6 +42,12 @@ def bench_abi(args) -> dict[str, float]:
     return {
         "abi.call_ns": round(t["BM_TensorInfo"], 2),
         "abi.plain_call_ns": round(t["BM_PlainCall"], 2),
+        "abi.plain_exported_call_ns": round(t["BM_PlainExportedCall"], 2),
+        "abi.guarded_call_ns": round(t["BM_GuardedCall"], 2),
+        "abi.call_vs_plain": round(t["BM_TensorInfo"] / t["BM_GuardedCall"], 2),
+        # Informational: against a call that does nothing (no guard, no output).
+        "abi.call_vs_abi_version": round(t["BM_TensorInfo"] / t["BM_AbiVersion"], 2),
+        "abi.abi_version_ns": round(t["BM_AbiVersion"], 2),
         "abi.stale_handle_ns": round(t["BM_StaleHandle"], 2),
     }
 

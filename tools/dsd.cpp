@@ -19,21 +19,30 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "core/checkpoint/convert.h"
+#include "core/base/json_limits.h"
+#include "core/base/strings.h"
+#include "core/checkpoint/io.h"
+#include "core/checkpoint/load.h"
+#include "core/checkpoint/manifest.h"
 #include "core/checkpoint/value_json.h"
+#include "core/interop/convert.h"
+#include "core/interop/diff.h"
+#include "core/interop/verify_any.h"
 
 namespace {
 
 using dsd::Code;
 using dsd::checkpoint::Entry;
 using dsd::checkpoint::Format;
-using dsd::checkpoint::ItemInfo;
-using dsd::checkpoint::StateReader;
+using dsd::shape_str;
+using dsd::interop::ItemInfo;
+using dsd::interop::StateReader;
 using nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 
@@ -47,6 +56,7 @@ constexpr int kExitIo = 5;         // the file system failed (also disk full)
 constexpr int kExitExists = 6;     // the destination exists (pass --overwrite)
 constexpr int kExitUnsupported = 7;  // valid, but not representable (a class, dtype or format)
 constexpr int kExitInternal = 8;   // anything else: a bug
+constexpr int kExitOutOfMemory = 9;  // an allocation failed (std::bad_alloc, DSD_E_OUT_OF_MEMORY)
 
 constexpr const char* kExitCodesHelp =
     "Exit codes:\n"
@@ -59,6 +69,7 @@ constexpr const char* kExitCodesHelp =
     "  6  the destination exists (pass --overwrite)\n"
     "  7  unsupported (a class, dtype or conversion dsd cannot represent)\n"
     "  8  internal error\n"
+    "  9  out of memory (an allocation failed)\n"
     "Formats: dsd (checkpoint directory), dcp (PyTorch DCP directory), torch (torch.save file),\n"
     "safetensors (Hugging Face directory or file); the source format is detected.";
 
@@ -74,6 +85,7 @@ int exit_code(Code c) {
     case Code::kWrongKind:
     case Code::kDtypeMismatch:
     case Code::kShapeMismatch: return kExitUnsupported;
+    case Code::kOutOfMemory: return kExitOutOfMemory;
     default: return kExitInternal;
   }
 }
@@ -185,18 +197,12 @@ class ProgressBar {
 struct Global {
   bool progress = false;
   bool quiet = false;
+  bool allow_external_files = false;  // a dsd checkpoint's data files may be symbolic links
+
+  dsd::checkpoint::OpenOptions open_options() const { return {allow_external_files}; }
 };
 
-std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
-ordered_json path_json(const std::vector<dsd::checkpoint::PathItem>& path) {
-  ordered_json p = ordered_json::array();
-  for (const auto& x : path) {
-    if (const auto* s = std::get_if<std::string>(&x)) p.push_back(*s);
-    else p.push_back(std::get<int64_t>(x));
-  }
-  return p;
-}
+ordered_json path_json(const dsd::Path& path) { return ordered_json(dsd::checkpoint::path_to_json(path)); }
 
 std::string format_title(Format f) {
   switch (f) {
@@ -210,9 +216,58 @@ std::string format_title(Format f) {
 
 // ---- inspect --------------------------------------------------------------------------------
 
-int inspect(const std::string& path, bool as_json) {
-  auto opened = StateReader::open(path);
-  if (!opened.ok()) return fail(opened.error());
+// A dsd checkpoint that fails validation (manifest_validate.h): says so, then lists what its
+// manifest declares, marked as not validated (the raw JSON when even the schema fails).
+int inspect_invalid(const std::string& path, const dsd::Error& error, bool as_json) {
+  fail(error);
+  ordered_json entries = ordered_json::array();
+  auto m = dsd::checkpoint::read_manifest(path);
+  if (m.ok()) {
+    for (const Entry& e : m->entries) {
+      ordered_json j = {{"key", e.key}, {"path", path_json(e.path)},
+                        {"kind", e.kind == Entry::Kind::kTensor ? "tensor" : "value"}};
+      if (e.kind == Entry::Kind::kTensor) {
+        j["dtype"] = std::string(dsd::dtype_name(e.dtype));
+        j["shape"] = e.shape;
+        j["chunks"] = e.chunks.size();
+      }
+      entries.push_back(std::move(j));
+    }
+  } else {
+    auto text = dsd::checkpoint::read_file(dsd::checkpoint::join(path, dsd::checkpoint::kManifestName), 1u << 30);
+    auto raw = text.ok() ? dsd::parse_json_strict(*text, "manifest", 256) : dsd::Result<nlohmann::json>(text.error());
+    if (raw.ok() && raw->is_object() && raw->contains("entries") && (*raw)["entries"].is_array()) {
+      for (const auto& e : (*raw)["entries"]) {
+        if (e.is_object() && e.contains("key") && e["key"].is_string()) {
+          entries.push_back({{"key", e["key"].get<std::string>()}});
+        }
+      }
+    }
+  }
+  if (as_json) {
+    ordered_json out = {{"path", path}, {"valid", false}, {"error", error.message}, {"entries", std::move(entries)}};
+    std::printf("%s\n", out.dump(2).c_str());
+    return kExitCorrupt;
+  }
+  std::printf("path:        %s\n", path.c_str());
+  std::printf("status:      INVALID: %s\n", error.message.c_str());
+  std::printf("entries as the manifest declares them (NOT VALIDATED):\n");
+  for (const auto& e : entries) {
+    std::string line = "  [unvalidated] " + e["key"].get<std::string>();
+    if (e.contains("kind")) line += "  " + e["kind"].get<std::string>();
+    if (e.contains("dtype")) line += "  " + e["dtype"].get<std::string>() + "  " + e["shape"].dump();
+    std::printf("%s\n", line.c_str());
+  }
+  return kExitCorrupt;
+}
+
+int inspect(const std::string& path, bool as_json, const Global& g) {
+  auto opened = StateReader::open(path, g.open_options());
+  if (!opened.ok()) {
+    const bool dsd_dir = dsd::checkpoint::path_exists(dsd::checkpoint::join(path, dsd::checkpoint::kManifestName));
+    if (opened.error().code == Code::kCorrupt && dsd_dir) return inspect_invalid(path, opened.error(), as_json);
+    return fail(opened.error());
+  }
   const StateReader& r = **opened;
   size_t tensors = 0;
   size_t values = 0;
@@ -249,6 +304,7 @@ int inspect(const std::string& path, bool as_json) {
   }
   if (as_json) {
     ordered_json out = {{"path", path},
+                        {"valid", true},
                         {"format", std::string(dsd::checkpoint::format_name(r.format()))},
                         {"world_size", r.world_size()},
                         {"files", r.files()},
@@ -291,7 +347,8 @@ int inspect(const std::string& path, bool as_json) {
 
 int verify(const std::string& path, const Global& g) {
   ProgressBar bar("verify", g.progress, g.quiet);
-  auto problems = dsd::checkpoint::verify_any(path, [&](uint64_t d, uint64_t t) { bar.update(d, t); });
+  auto problems =
+      dsd::interop::verify_any(path, [&](uint64_t d, uint64_t t) { bar.update(d, t); }, g.open_options());
   bar.finish();
   if (!problems.ok()) return fail(problems.error());
   if (problems->empty()) {
@@ -314,9 +371,10 @@ int convert(const std::string& src, const std::string& dst, const std::string& t
     std::fprintf(stderr, "dsd: unknown format '%s' (expected dsd, dcp, torch or safetensors)\n", to_name.c_str());
     return kExitUsage;
   }
-  dsd::checkpoint::ConvertOptions o;
+  dsd::interop::ConvertOptions o;
   o.overwrite = overwrite;
   o.thread_count = threads;
+  o.allow_external_files = g.allow_external_files;
   if (!shard.empty()) {
     const auto n = parse_size(shard);
     if (!n) {
@@ -325,11 +383,11 @@ int convert(const std::string& src, const std::string& dst, const std::string& t
     }
     o.max_shard_size = *n;
   }
-  auto reader = StateReader::open(src);
+  auto reader = StateReader::open(src, g.open_options());
   if (!reader.ok()) return fail(reader.error());
   ProgressBar bar("convert", g.progress, g.quiet);
   o.progress = [&](uint64_t d, uint64_t t) { bar.update(d, t); };
-  dsd::Status s = dsd::checkpoint::convert(**reader, dst, *to, o);
+  dsd::Status s = dsd::interop::convert(**reader, dst, *to, o);
   bar.finish();
   if (!s.ok()) return fail(s.error());
   const double secs = bar.seconds();
@@ -347,12 +405,12 @@ int convert(const std::string& src, const std::string& dst, const std::string& t
 // ---- diff -----------------------------------------------------------------------------------
 
 int diff(const std::string& a, const std::string& b, const Global& g) {
-  auto ra = StateReader::open(a);
+  auto ra = StateReader::open(a, g.open_options());
   if (!ra.ok()) return fail(ra.error());
-  auto rb = StateReader::open(b);
+  auto rb = StateReader::open(b, g.open_options());
   if (!rb.ok()) return fail(rb.error());
   ProgressBar bar("diff", g.progress, g.quiet);
-  auto report = dsd::checkpoint::diff(**ra, **rb, [&](uint64_t d, uint64_t t) { bar.update(d, t); });
+  auto report = dsd::interop::diff(**ra, **rb, [&](uint64_t d, uint64_t t) { bar.update(d, t); });
   bar.finish();
   if (!report.ok()) return fail(report.error());
   for (const auto& k : report->only_in_a) std::printf("only in A: %s\n", k.c_str());
@@ -377,6 +435,8 @@ int main(int argc, char** argv) {
   Global g;
   app.add_flag("--progress", g.progress, "Draw the progress bar even when stderr is not a terminal");
   app.add_flag("-q,--quiet", g.quiet, "No progress bar, no summary line");
+  app.add_flag("--allow-external-files", g.allow_external_files,
+               "Read a dsd checkpoint's data files even when they are symbolic links (refused by default)");
 
   std::string path;
   bool as_json = false;
@@ -417,9 +477,22 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dsd: %s (see dsd --help)\n", e.what());
     return kExitUsage;
   }
-  if (ins->parsed()) return inspect(path, as_json);
-  if (ver->parsed()) return verify(path, g);
-  if (conv->parsed()) return convert(src, dst, to, shard, overwrite, threads, g);
-  if (dif->parsed()) return diff(a, b, g);
+  // An allocation failure anywhere (a hostile file's huge declared size, ulimit -v) is an
+  // error with its own exit code naming the input, never std::terminate's SIGABRT.
+  const std::string subject = ins->parsed() || ver->parsed() ? path : conv->parsed() ? src : a + " and " + b;
+  try {
+    if (ins->parsed()) return inspect(path, as_json, g);
+    if (ver->parsed()) return verify(path, g);
+    if (conv->parsed()) return convert(src, dst, to, shard, overwrite, threads, g);
+    if (dif->parsed()) return diff(a, b, g);
+  } catch (const std::bad_alloc&) {
+    std::fputs("dsd: out of memory while reading ", stderr);
+    std::fputs(subject.c_str(), stderr);
+    std::fputs(" (an allocation failed)\n", stderr);
+    return kExitOutOfMemory;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsd: internal error while reading %s: %s\n", subject.c_str(), e.what());
+    return kExitInternal;
+  }
   return kExitUsage;
 }

@@ -40,7 +40,7 @@ func BenchmarkStateDictGetDouble(b *testing.B) {
 func BenchmarkTensorWrapRelease(b *testing.B) {
 	buf, err := dsd.NewHostBuffer(4 * 1024)
 	must(b, err)
-	defer buf.Free()
+	defer buf.Close()
 	shape := []int64{32, 32}
 	for i := 0; i < b.N; i++ {
 		t, err := buf.Wrap(0, dsd.DTypeF32, shape, false)
@@ -60,7 +60,7 @@ func BenchmarkGetModelStateDict(b *testing.B) {
 			defer model.Close()
 			buf, err := dsd.NewHostBuffer(4 * n)
 			must(b, err)
-			defer buf.Free()
+			defer buf.Close()
 			for i := 0; i < n; i++ {
 				t, err := buf.Wrap(4*i, dsd.DTypeF32, []int64{1}, false)
 				must(b, err)

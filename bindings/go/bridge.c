@@ -8,17 +8,17 @@
 
 static void release_trampoline(void* user_data) { dsdgoRelease((uintptr_t)user_data); }
 
-dsd_status dsdgo_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
+dsd_status dsdgo_tensor_from_blob(void* data, dsd_dtype dtype, const int64_t* shape, size_t ndim,
                                   const int64_t* strides, dsd_device device, bool read_only,
                                   uintptr_t release_handle, dsd_tensor* out, dsd_error** err) {
-  return dsd_tensor_from_blob(data, dtype, ndim, shape, strides, device, read_only,
+  return dsd_tensor_from_blob(data, dtype, shape, ndim, strides, device, read_only,
                               release_handle != 0 ? release_trampoline : NULL,
                               (void*)release_handle, out, err);
 }
 
 static dsd_status materialize_trampoline(void* user_data, dsd_optim* optim, const dsd_tensor* params,
-                                         const size_t* pids, size_t n) {
-  return dsdgoMaterialize((uintptr_t)user_data, optim, (dsd_tensor*)params, (size_t*)pids, n);
+                                         const size_t* pids, size_t count) {
+  return dsdgoMaterialize((uintptr_t)user_data, optim, (dsd_tensor*)params, (size_t*)pids, count);
 }
 
 dsd_status dsdgo_optim_set_materialize(dsd_optim* optim, uintptr_t handle, dsd_error** err) {
@@ -56,11 +56,12 @@ void dsdgo_buffer_unref(void* buffer) {
   }
 }
 
-dsd_status dsdgo_buffer_wrap(dsdgo_buffer* buffer, size_t offset, dsd_dtype dtype, int32_t ndim,
-                             const int64_t* shape, bool read_only, dsd_tensor* out, dsd_error** err) {
+dsd_status dsdgo_buffer_wrap(dsdgo_buffer* buffer, size_t offset, dsd_dtype dtype,
+                             const int64_t* shape, size_t ndim, bool read_only, dsd_tensor* out,
+                             dsd_error** err) {
   atomic_fetch_add_explicit(&buffer->refs, 1, memory_order_relaxed);
   /* dsd calls the release function on failure too, which drops this reference again. */
-  return dsd_tensor_from_blob((char*)buffer->data + offset, dtype, ndim, shape, NULL,
+  return dsd_tensor_from_blob((char*)buffer->data + offset, dtype, shape, ndim, NULL,
                               (dsd_device){DSD_DEVICE_CPU, 0}, read_only, dsdgo_buffer_unref, buffer,
                               out, err);
 }

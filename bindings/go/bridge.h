@@ -3,12 +3,13 @@
 #ifndef DSDGO_BRIDGE_H
 #define DSDGO_BRIDGE_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <dsd/dsd.h>
 
 /* dsd_tensor_from_blob with, when release_handle is not 0, a release function that calls
  * the Go function stored under that runtime/cgo.Handle. */
-dsd_status dsdgo_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
+dsd_status dsdgo_tensor_from_blob(void* data, dsd_dtype dtype, const int64_t* shape, size_t ndim,
                                   const int64_t* strides, dsd_device device, bool read_only,
                                   uintptr_t release_handle, dsd_tensor* out, dsd_error** err);
 
@@ -28,7 +29,8 @@ void* dsdgo_buffer_data(const dsdgo_buffer* buffer);
 void dsdgo_buffer_unref(void* buffer);
 /* dsd_tensor_from_blob over buffer's memory from byte `offset`, contiguous; the tensor holds
  * a reference to the buffer until dsd lets go of it. */
-dsd_status dsdgo_buffer_wrap(dsdgo_buffer* buffer, size_t offset, dsd_dtype dtype, int32_t ndim,
-                             const int64_t* shape, bool read_only, dsd_tensor* out, dsd_error** err);
+dsd_status dsdgo_buffer_wrap(dsdgo_buffer* buffer, size_t offset, dsd_dtype dtype,
+                             const int64_t* shape, size_t ndim, bool read_only, dsd_tensor* out,
+                             dsd_error** err);
 
 #endif

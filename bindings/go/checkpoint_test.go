@@ -64,7 +64,7 @@ func checkpointTree(t *testing.T, seed float32) (*dsd.StateDict, []*dsd.HostBuff
 
 func freeAll(bufs []*dsd.HostBuffer) {
 	for _, b := range bufs {
-		b.Free()
+		b.Close()
 	}
 }
 
@@ -131,6 +131,10 @@ func TestCheckpointSaveLoad(t *testing.T) {
 	must(t, err)
 	missing, err := report.Keys(dsd.LoadReportMissing)
 	must(t, err)
+	_, err = report.Count(dsd.LoadReportList(0)) // 0 is never a list
+	expectError(t, err, dsd.ErrInvalidArgument, "")
+	_, err = report.Key(dsd.KeysMissing, len(missing))
+	expectError(t, err, dsd.ErrInvalidArgument, "")
 	report.Close()
 	if !reflect.DeepEqual(missing, []string{"epoch"}) {
 		t.Errorf("missing keys %v", missing)
@@ -225,7 +229,7 @@ func TestCheckpointManager(t *testing.T) {
 	src, srcBufs := checkpointTree(t, 3)
 	defer src.Close()
 	defer freeAll(srcBufs)
-	mgr, err := dsd.NewCheckpointManager(root, 2)
+	mgr, err := dsd.NewCheckpointManager(nil, root, 2)
 	must(t, err)
 	defer mgr.Close()
 	if _, found, err := mgr.LatestStep(); err != nil || found {
@@ -234,14 +238,14 @@ func TestCheckpointManager(t *testing.T) {
 	dst, dstBufs := checkpointTree(t, 0)
 	defer dst.Close()
 	defer freeAll(dstBufs)
-	if _, found, err := mgr.LoadLatest(nil, dst, nil); err != nil || found {
+	if _, found, err := mgr.LoadLatest(dst, nil); err != nil || found {
 		t.Fatalf("loaded from an empty root (%v)", err)
 	}
 
-	must(t, mgr.Save(nil, src, 10, nil))
-	must(t, mgr.Save(nil, src, 20, nil))
+	must(t, mgr.Save(src, 10, nil))
+	must(t, mgr.Save(src, 20, nil))
 	srcBufs[0].Float32s()[0] = 42
-	future, err := mgr.SaveAsync(nil, src, 30, nil)
+	future, err := mgr.SaveAsync(src, 30, nil)
 	must(t, err)
 	must(t, future.Wait(-1))
 	future.Close()
@@ -263,10 +267,99 @@ func TestCheckpointManager(t *testing.T) {
 	if !reflect.DeepEqual(steps, []string{"step_20", "step_30"}) {
 		t.Errorf("kept %v, want the newest two", steps)
 	}
-	step, found, err = mgr.LoadLatest(nil, dst, nil)
+	step, found, err = mgr.LoadLatest(dst, nil)
 	must(t, err)
 	if !found || step != 30 {
 		t.Fatalf("load latest: step %d found %v", step, found)
 	}
 	expectEqual(t, src, dst)
+
+	// A manager over a communicator keeps it: closing the caller's reference first is safe.
+	comm, err := dsd.NewCommLocal()
+	must(t, err)
+	overComm, err := dsd.NewCheckpointManager(comm, filepath.Join(t.TempDir(), "comm"), 0)
+	comm.Close()
+	must(t, err)
+	defer overComm.Close()
+	must(t, overComm.Save(src, 1, nil))
+	future, err = overComm.SaveAsync(src, 2, nil)
+	must(t, err)
+	must(t, future.Wait(-1))
+	future.Close()
+	if step, found, err := overComm.LatestStep(); err != nil || !found || step != 2 {
+		t.Fatalf("latest step over a communicator: %d %v %v", step, found, err)
+	}
+	_, err = dsd.NewCheckpointManager(comm, root, 0)
+	expectError(t, err, dsd.ErrInvalidArgument, "closed")
+	overComm.Close()
+	expectError(t, overComm.Save(src, 3, nil), dsd.ErrInvalidArgument, "")
+}
+
+// An explicit asynchronous checkpointer over a communicator, and the package-level SaveAsync
+// through the one a communicator makes on first use and closes with itself.
+func TestCheckpointAsyncCheckpointer(t *testing.T) {
+	src, srcBufs := checkpointTree(t, 4)
+	defer src.Close()
+	defer freeAll(srcBufs)
+	comm, err := dsd.NewCommLocal()
+	must(t, err)
+	defer comm.Close()
+	ac, err := dsd.NewAsyncCheckpointer(comm)
+	must(t, err)
+	defer ac.Close()
+	root := t.TempDir()
+	var futures []*dsd.Future
+	for i, name := range []string{"a", "b"} {
+		srcBufs[0].Float32s()[0] = float32(i + 100)
+		// The second save waits for the first: both complete, with the values of their time.
+		f, err := ac.SaveAsync(src, filepath.Join(root, name), nil)
+		must(t, err)
+		futures = append(futures, f)
+	}
+	for i, f := range futures {
+		must(t, f.Wait(-1))
+		f.Close()
+		full, err := dsd.LoadFull(filepath.Join(root, []string{"a", "b"}[i]), []string{"model.w"})
+		must(t, err)
+		m, err := full.Get("model")
+		must(t, err)
+		w, err := m.(*dsd.StateDict).Get("w")
+		must(t, err)
+		got, err := dsd.Float32s(w.(dsd.Tensor))
+		must(t, err)
+		must(t, w.(dsd.Tensor).Release())
+		m.(*dsd.StateDict).Close()
+		full.Close()
+		if got[0] != float32(i+100) {
+			t.Errorf("save %d has w[0] = %v", i, got[0])
+		}
+	}
+	// A future outlives its checkpointer.
+	last, err := ac.SaveAsync(src, filepath.Join(root, "c"), nil)
+	must(t, err)
+	ac.Close()
+	ac.Close()
+	must(t, last.Wait(time.Minute))
+	last.Close()
+	must(t, dsd.CheckpointVerify(filepath.Join(root, "c")))
+	_, err = ac.SaveAsync(src, filepath.Join(root, "d"), nil)
+	expectError(t, err, dsd.ErrInvalidArgument, "")
+
+	// The package-level SaveAsync over comm, twice through the same checkpointer.
+	for _, name := range []string{"e", "f"} {
+		f, err := dsd.SaveAsync(comm, src, filepath.Join(root, name), nil)
+		must(t, err)
+		must(t, f.Wait(-1))
+		f.Close()
+	}
+	f, err := dsd.SaveAsync(comm, src, filepath.Join(root, "g"), nil)
+	must(t, err)
+	comm.Close() // closes the checkpointer, waiting for the save in flight
+	must(t, f.Wait(0))
+	f.Close()
+	must(t, dsd.CheckpointVerify(filepath.Join(root, "g")))
+	_, err = dsd.SaveAsync(comm, src, filepath.Join(root, "h"), nil)
+	expectError(t, err, dsd.ErrInvalidArgument, "closed")
+	_, err = dsd.NewAsyncCheckpointer(comm)
+	expectError(t, err, dsd.ErrInvalidArgument, "closed")
 }

@@ -7,9 +7,17 @@ package dsd
 import "C"
 
 import (
+	"context"
+	"io"
 	"runtime"
+	"sync"
 	"time"
 	"unsafe"
+)
+
+var (
+	_ io.Closer = (*Comm)(nil)
+	_ io.Closer = (*Mesh)(nil)
 )
 
 // CommOptions are a communicator's options (dsd_comm_options).
@@ -37,16 +45,38 @@ func (o *CommOptions) c() *C.dsd_comm_options {
 }
 
 // Comm is a communicator (dsd_comm): Gloo process groups, a caller-owned NCCL communicator,
-// or a single local rank. Reference-counted inside: meshes, layouts and state dicts keep it
-// alive, so Close as soon as you are done with it. Used by one goroutine at a time.
+// or a single local rank. Reference-counted inside: meshes, layouts, models, checkpointers
+// and managers keep it alive, so Close as soon as you are done with it. Its rank and size
+// are read once, when it is made. A nil *Comm means a single process (rank 0 of 1).
+//
+// The collectives made through a Comm (Barrier, Save, Load, SaveAsync given this Comm) take
+// turns: one at a time, in the order they were called, whichever goroutine calls them, as
+// the C communicator requires. A barrier abandoned by BarrierContext keeps its turn until it
+// completes.
 type Comm struct {
-	ptr *C.dsd_comm
+	ptr        *C.dsd_comm
+	rank, size int
+	turn       chan struct{} // holds a token while a collective runs on the communicator
+
+	mu    sync.Mutex
+	async *AsyncCheckpointer // the package-level SaveAsync's, made on its first use
 }
 
-func newComm(p *C.dsd_comm) *Comm {
-	c := &Comm{ptr: p}
+func newComm(p *C.dsd_comm) (*Comm, error) {
+	var rank, size C.int32_t
+	var e *C.dsd_error
+	err := wrap(C.dsd_comm_rank(p, &rank, &e), e)
+	if err == nil {
+		var e2 *C.dsd_error
+		err = wrap(C.dsd_comm_size(p, &size, &e2), e2)
+	}
+	if err != nil {
+		C.dsd_comm_release(p)
+		return nil, err
+	}
+	c := &Comm{ptr: p, rank: int(rank), size: int(size), turn: make(chan struct{}, 1)}
 	runtime.SetFinalizer(c, (*Comm).Close)
-	return c
+	return c, nil
 }
 
 func commPtr(c *Comm) *C.dsd_comm {
@@ -54,6 +84,31 @@ func commPtr(c *Comm) *C.dsd_comm {
 		return nil
 	}
 	return c.ptr
+}
+
+// acquire waits for the communicator's turn, or for ctx to end (then ctx.Err()). A nil
+// Comm has no turns: its collectives are local. Pair with release.
+func (c *Comm) acquire(ctx context.Context) error {
+	if c == nil {
+		return ctx.Err()
+	}
+	select {
+	case c.turn <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case c.turn <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (c *Comm) release() {
+	if c != nil {
+		<-c.turn
+	}
 }
 
 // NewCommFromEnv builds a Gloo communicator from the launcher's environment (torchrun,
@@ -65,7 +120,7 @@ func NewCommFromEnv(opts *CommOptions) (*Comm, error) {
 	if err := wrap(C.dsd_comm_new_from_env(opts.c(), &out, &e), e); err != nil {
 		return nil, err
 	}
-	return newComm(out), nil
+	return newComm(out)
 }
 
 // NewCommFileStore builds a Gloo communicator whose rendezvous goes through the file path,
@@ -78,7 +133,7 @@ func NewCommFileStore(path string, rank, size int, opts *CommOptions) (*Comm, er
 	if err := wrap(C.dsd_comm_new_file_store(cpath, C.int32_t(rank), C.int32_t(size), opts.c(), &out, &e), e); err != nil {
 		return nil, err
 	}
-	return newComm(out), nil
+	return newComm(out)
 }
 
 // NewCommNCCL wraps a caller-owned ncclComm_t and cudaStream_t (nil: the default stream),
@@ -89,7 +144,7 @@ func NewCommNCCL(ncclComm, cudaStream unsafe.Pointer, rank, size int, opts *Comm
 	if err := wrap(C.dsd_comm_new_nccl(ncclComm, cudaStream, C.int32_t(rank), C.int32_t(size), opts.c(), &out, &e), e); err != nil {
 		return nil, err
 	}
-	return newComm(out), nil
+	return newComm(out)
 }
 
 // NewCommLocal is a communicator of a single rank (dsd_comm_new_local).
@@ -99,36 +154,90 @@ func NewCommLocal() (*Comm, error) {
 	if err := wrap(C.dsd_comm_new_local(&out, &e), e); err != nil {
 		return nil, err
 	}
-	return newComm(out), nil
+	return newComm(out)
 }
 
-// Close drops this reference (dsd_comm_free); it waits for an asynchronous save in flight
-// over the communicator. Idempotent.
-func (c *Comm) Close() {
-	if c == nil || c.ptr == nil {
-		return
+// Close drops this reference (dsd_comm_release). It first closes the asynchronous
+// checkpointer the package-level SaveAsync and SaveContext made for this communicator, if
+// any, which waits for its save in flight. A barrier abandoned by BarrierContext holds its
+// own reference until it completes, so Close does not wait for it. Idempotent; the error
+// is always nil (Close makes Comm an io.Closer).
+func (c *Comm) Close() error {
+	if c == nil {
+		return nil
 	}
-	C.dsd_comm_free(c.ptr)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return nil
+	}
+	if c.async != nil {
+		c.async.Close()
+		c.async = nil
+	}
+	C.dsd_comm_release(c.ptr)
 	c.ptr = nil
 	runtime.SetFinalizer(c, nil)
+	return nil
 }
 
-// Rank is this process's rank (dsd_comm_rank).
-func (c *Comm) Rank() (int, error) {
-	var out C.int32_t
-	var e *C.dsd_error
-	err := wrap(C.dsd_comm_rank(commPtr(c), &out, &e), e)
-	runtime.KeepAlive(c)
-	return int(out), err
+// asyncCheckpointer is the checkpointer of the package-level SaveAsync over c: c's own, made
+// on first use (collective, as the SaveAsync that asks for it) and closed with c, or for a
+// nil c the process-wide single-process one, made on first use and never closed.
+func (c *Comm) asyncCheckpointer() (*AsyncCheckpointer, error) {
+	if c == nil {
+		localAsync.mu.Lock()
+		defer localAsync.mu.Unlock()
+		if localAsync.ac == nil {
+			ac, err := NewAsyncCheckpointer(nil)
+			if err != nil {
+				return nil, err
+			}
+			localAsync.ac = ac
+		}
+		return localAsync.ac, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return nil, errClosedComm()
+	}
+	if c.async == nil {
+		ac, err := NewAsyncCheckpointer(c)
+		if err != nil {
+			return nil, err
+		}
+		c.async = ac
+	}
+	return c.async, nil
 }
 
-// Size is the number of ranks (dsd_comm_size).
-func (c *Comm) Size() (int, error) {
-	var out C.int32_t
-	var e *C.dsd_error
-	err := wrap(C.dsd_comm_size(commPtr(c), &out, &e), e)
-	runtime.KeepAlive(c)
-	return int(out), err
+// localAsync is the single-process checkpointer of SaveAsync(nil, ...).
+var localAsync struct {
+	mu sync.Mutex
+	ac *AsyncCheckpointer
+}
+
+func errClosedComm() error {
+	return newGoError(ErrInvalidArgument, "comm was closed (a nil *Comm means a single process).")
+}
+
+// Rank is this process's rank (dsd_comm_rank, read when the communicator was made); 0 for
+// a nil Comm.
+func (c *Comm) Rank() int {
+	if c == nil {
+		return 0
+	}
+	return c.rank
+}
+
+// Size is the number of ranks (dsd_comm_size, read when the communicator was made); 1 for
+// a nil Comm.
+func (c *Comm) Size() int {
+	if c == nil {
+		return 1
+	}
+	return c.size
 }
 
 // Backend is "gloo", "nccl" or "local" (dsd_comm_backend).
@@ -143,12 +252,58 @@ func (c *Comm) Backend() (string, error) {
 	return s, nil
 }
 
-// Barrier returns once every rank has called it (dsd_comm_barrier). Collective.
-func (c *Comm) Barrier() error {
-	var e *C.dsd_error
-	err := wrap(C.dsd_comm_barrier(commPtr(c), &e), e)
-	runtime.KeepAlive(c)
-	return err
+// Barrier returns once every rank has called it (dsd_comm_barrier). Collective. It is
+// BarrierContext with a context that never ends.
+func (c *Comm) Barrier() error { return c.BarrierContext(context.Background()) }
+
+// BarrierContext is Barrier bounded by ctx. A barrier cannot be interrupted inside C, so:
+//   - ctx is checked before starting: an ended ctx returns ctx.Err() and enters no barrier
+//     (nor waits for the communicator's turn past ctx's end);
+//   - when ctx ends while the peers have not all arrived, BarrierContext returns ctx.Err()
+//     at once and abandons the barrier, which stays in flight in the background and
+//     completes when the peers reach it (or fails within the communicator's timeout). It
+//     keeps the communicator's turn until then: the next collective through this Comm
+//     (Barrier, Save, Load, SaveAsync) waits for it, so the collectives stay matched on
+//     every rank. Collectives made through a Model or a CheckpointManager over the same
+//     communicator do not take turns: start none of them until a call through the Comm
+//     has succeeded after the abandoned barrier.
+//
+// The communicator's own timeout (CommOptions.Timeout) still applies; ctx only shortens how
+// long this goroutine waits.
+func (c *Comm) BarrierContext(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if c == nil || c.ptr == nil {
+		var e *C.dsd_error
+		return wrap(C.dsd_comm_barrier(commPtr(c), &e), e)
+	}
+	if err := c.acquire(ctx); err != nil {
+		return err
+	}
+	if ctx.Done() == nil { // a context that never ends: no goroutine needed
+		defer c.release()
+		var e *C.dsd_error
+		err := wrap(C.dsd_comm_barrier(c.ptr, &e), e)
+		runtime.KeepAlive(c)
+		return err
+	}
+	// The barrier runs on its own goroutine with its own reference to the communicator, so
+	// that it may outlive this call (and a Close).
+	p := C.dsd_comm_retain(c.ptr)
+	done := make(chan error, 1)
+	go func() {
+		defer c.release()
+		defer C.dsd_comm_release(p)
+		var e *C.dsd_error
+		done <- wrap(C.dsd_comm_barrier(p, &e), e)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Mesh is a device mesh over the ranks of a communicator (dsd_mesh), as PyTorch's
@@ -171,12 +326,17 @@ func meshPtr(m *Mesh) *C.dsd_mesh {
 }
 
 // NewMesh is a mesh of the given shape over comm's ranks; ranks lists the global rank at
-// each position in row-major order (nil: 0, 1, 2, ...) (dsd_mesh_new). Not collective.
-func NewMesh(comm *Comm, shape []int64, ranks []int64, deviceType DeviceType) (*Mesh, error) {
+// each position in row-major order, as many as the product of the sizes (nil: 0, 1, 2, ...)
+// (dsd_mesh_new). Not collective.
+func NewMesh(comm *Comm, shape []int64, ranks []int32, deviceType DeviceType) (*Mesh, error) {
+	var rp *C.int32_t
+	if len(ranks) > 0 {
+		rp = (*C.int32_t)(unsafe.Pointer(&ranks[0]))
+	}
 	var out *C.dsd_mesh
 	var e *C.dsd_error
-	err := wrap(C.dsd_mesh_new(commPtr(comm), i64ptr(shape), C.size_t(len(shape)), i64ptr(ranks),
-		C.int32_t(deviceType), &out, &e), e)
+	err := wrap(C.dsd_mesh_new(commPtr(comm), i64ptr(shape), C.size_t(len(shape)), rp, C.size_t(len(ranks)),
+		C.dsd_device_type(deviceType), &out, &e), e)
 	runtime.KeepAlive(comm)
 	if err != nil {
 		return nil, err
@@ -184,14 +344,15 @@ func NewMesh(comm *Comm, shape []int64, ranks []int64, deviceType DeviceType) (*
 	return newMesh(out), nil
 }
 
-// Close drops this reference (dsd_mesh_free). Idempotent.
-func (m *Mesh) Close() {
+// Close drops this reference (dsd_mesh_release). Idempotent; the error is always nil.
+func (m *Mesh) Close() error {
 	if m == nil || m.ptr == nil {
-		return
+		return nil
 	}
-	C.dsd_mesh_free(m.ptr)
+	C.dsd_mesh_release(m.ptr)
 	m.ptr = nil
 	runtime.SetFinalizer(m, nil)
+	return nil
 }
 
 // NDim is the number of mesh dimensions (dsd_mesh_ndim).
@@ -215,7 +376,7 @@ func (m *Mesh) Shape() ([]int64, error) {
 }
 
 // Ranks are the global ranks in row-major order (dsd_mesh_ranks).
-func (m *Mesh) Ranks() ([]int64, error) {
+func (m *Mesh) Ranks() ([]int32, error) {
 	shape, err := m.Shape()
 	if err != nil {
 		return nil, err
@@ -224,9 +385,14 @@ func (m *Mesh) Ranks() ([]int64, error) {
 	for _, s := range shape {
 		n *= s
 	}
-	return m.fill(int(n), func(p *C.int64_t, capacity C.size_t, e **C.dsd_error) C.dsd_status {
-		return C.dsd_mesh_ranks(meshPtr(m), p, capacity, e)
-	})
+	out := make([]int32, n, n+1) // never empty storage: cgo needs an address
+	var e *C.dsd_error
+	err = wrap(C.dsd_mesh_ranks(meshPtr(m), (*C.int32_t)(unsafe.Pointer(&out[:1][0])), C.size_t(n), &e), e)
+	runtime.KeepAlive(m)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func (m *Mesh) fill(n int, call func(p *C.int64_t, capacity C.size_t, e **C.dsd_error) C.dsd_status) ([]int64, error) {
@@ -242,7 +408,7 @@ func (m *Mesh) fill(n int, call func(p *C.int64_t, capacity C.size_t, e **C.dsd_
 
 // DeviceType is the device type of the mesh's tensors (dsd_mesh_device_type).
 func (m *Mesh) DeviceType() (DeviceType, error) {
-	var out C.int32_t
+	var out C.dsd_device_type
 	var e *C.dsd_error
 	err := wrap(C.dsd_mesh_device_type(meshPtr(m), &out, &e), e)
 	runtime.KeepAlive(m)
@@ -259,7 +425,7 @@ func (m *Mesh) Coordinate() (coord []int64, inMesh bool, err error) {
 	out := make([]int64, n, n+1)
 	var in C.bool
 	var e *C.dsd_error
-	err = wrap(C.dsd_mesh_coordinate(meshPtr(m), (*C.int64_t)(unsafe.Pointer(&out[:1][0])), C.size_t(n), &in, &e), e)
+	err = wrap(C.dsd_mesh_coordinate(meshPtr(m), &in, (*C.int64_t)(unsafe.Pointer(&out[:1][0])), C.size_t(n), &e), e)
 	runtime.KeepAlive(m)
 	if err != nil || !bool(in) {
 		return nil, false, err

@@ -13,10 +13,7 @@ func TestCommLocalMeshLayouts(t *testing.T) {
 	comm, err := dsd.NewCommLocal()
 	must(t, err)
 	defer comm.Close()
-	rank, err := comm.Rank()
-	must(t, err)
-	size, err := comm.Size()
-	must(t, err)
+	rank, size := comm.Rank(), comm.Size()
 	backend, err := comm.Backend()
 	must(t, err)
 	if rank != 0 || size != 1 || backend != "local" {
@@ -36,12 +33,25 @@ func TestCommLocalMeshLayouts(t *testing.T) {
 	must(t, err)
 	coord, in, err := mesh.Coordinate()
 	must(t, err)
-	if !reflect.DeepEqual(shape, []int64{1, 1}) || !reflect.DeepEqual(ranks, []int64{0}) || dt != dsd.DeviceCPU ||
+	if !reflect.DeepEqual(shape, []int64{1, 1}) || !reflect.DeepEqual(ranks, []int32{0}) || dt != dsd.DeviceCPU ||
 		!in || !reflect.DeepEqual(coord, []int64{0, 0}) {
 		t.Fatalf("mesh: shape %v ranks %v device %v coord %v in %v", shape, ranks, dt, coord, in)
 	}
 	_, err = dsd.NewMesh(nil, []int64{1}, nil, dsd.DeviceCPU)
 	expectError(t, err, dsd.ErrInvalidArgument, "comm is NULL")
+	// Explicit ranks: as many as the shape's product, each in the world.
+	listed, err := dsd.NewMesh(mesh0Comm(t), []int64{1}, []int32{0}, dsd.DeviceCPU)
+	must(t, err)
+	listedRanks, err := listed.Ranks()
+	must(t, err)
+	listed.Close()
+	if !reflect.DeepEqual(listedRanks, []int32{0}) {
+		t.Errorf("a mesh over ranks [0] has ranks %v", listedRanks)
+	}
+	_, err = dsd.NewMesh(mesh0Comm(t), []int64{1}, []int32{0, 0}, dsd.DeviceCPU)
+	expectError(t, err, dsd.ErrInvalidArgument, "")
+	_, err = dsd.NewMesh(mesh0Comm(t), []int64{1}, []int32{1}, dsd.DeviceCPU)
+	expectError(t, err, dsd.ErrInvalidArgument, "")
 
 	layout, err := dsd.NewLayoutPlacements(mesh, []int64{5, 3}, []dsd.Placement{dsd.Shard(0), dsd.Replicate()})
 	must(t, err)
@@ -124,6 +134,16 @@ func TestCommLocalMeshLayouts(t *testing.T) {
 	expectError(t, dsd.Layout{}.Release(), dsd.ErrStaleHandle, "")
 	must(t, retained.Release())
 	must(t, chunk.Release())
+}
+
+// mesh0Comm is a local communicator, closed when the test ends (meshes keep their own
+// reference).
+func mesh0Comm(t *testing.T) *dsd.Comm {
+	t.Helper()
+	comm, err := dsd.NewCommLocal()
+	must(t, err)
+	t.Cleanup(func() { comm.Close() })
+	return comm
 }
 
 func TestCommFileStoreSingleRank(t *testing.T) {

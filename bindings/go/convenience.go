@@ -12,19 +12,22 @@ import "C"
 
 import (
 	"fmt"
+	"io"
 	"sync"
 	"unsafe"
 )
 
+var _ io.Closer = (*HostBuffer)(nil)
+
 // HostBuffer is zeroed, 64-byte aligned C memory for tensors a Go trainer owns. Go code
 // reads and writes it through slices (Float32s, Float64s, Int64s, Bytes); dsd refers to it
 // through tensors made by Wrap. The memory is reference-counted between the HostBuffer and
-// those tensors: it is freed when Free has been called and dsd has let go of every tensor
+// those tensors: it is freed when Close has been called and dsd has let go of every tensor
 // over it, in either order.
 //
 // HostBuffer has no finalizer, on purpose: slices over its memory are invisible to the
 // garbage collector, so a finalizer could free memory a live slice still points to. Call
-// Free when done; keep the *HostBuffer reachable (next to its slices) until then.
+// Close when done; keep the *HostBuffer reachable (next to its slices) until then.
 type HostBuffer struct {
 	mu     sync.Mutex
 	buf    *C.dsdgo_buffer
@@ -46,7 +49,7 @@ func NewHostBuffer(nbytes int) (*HostBuffer, error) {
 // Len is the buffer's size in bytes.
 func (h *HostBuffer) Len() int { return h.nbytes }
 
-// Pointer is the address of the first byte; nil after Free.
+// Pointer is the address of the first byte; nil after Close.
 func (h *HostBuffer) Pointer() unsafe.Pointer {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -56,7 +59,7 @@ func (h *HostBuffer) Pointer() unsafe.Pointer {
 	return C.dsdgo_buffer_data(h.buf)
 }
 
-// Bytes views the buffer as bytes (nil after Free). The slice is valid until Free.
+// Bytes views the buffer as bytes (nil after Close). The slice is valid until Close.
 func (h *HostBuffer) Bytes() []byte {
 	p := h.Pointer()
 	if p == nil {
@@ -65,7 +68,7 @@ func (h *HostBuffer) Bytes() []byte {
 	return unsafe.Slice((*byte)(p), h.nbytes)
 }
 
-// Float32s views the buffer as float32s (nil after Free). The slice is valid until Free.
+// Float32s views the buffer as float32s (nil after Close). The slice is valid until Close.
 func (h *HostBuffer) Float32s() []float32 {
 	p := h.Pointer()
 	if p == nil {
@@ -74,7 +77,7 @@ func (h *HostBuffer) Float32s() []float32 {
 	return unsafe.Slice((*float32)(p), h.nbytes/4)
 }
 
-// Float64s views the buffer as float64s (nil after Free). The slice is valid until Free.
+// Float64s views the buffer as float64s (nil after Close). The slice is valid until Close.
 func (h *HostBuffer) Float64s() []float64 {
 	p := h.Pointer()
 	if p == nil {
@@ -83,7 +86,7 @@ func (h *HostBuffer) Float64s() []float64 {
 	return unsafe.Slice((*float64)(p), h.nbytes/8)
 }
 
-// Int64s views the buffer as int64s (nil after Free). The slice is valid until Free.
+// Int64s views the buffer as int64s (nil after Close). The slice is valid until Close.
 func (h *HostBuffer) Int64s() []int64 {
 	p := h.Pointer()
 	if p == nil {
@@ -119,21 +122,27 @@ func (h *HostBuffer) Wrap(offset int, dtype DType, shape []int64, readOnly bool)
 	}
 	var out C.dsd_tensor
 	var e *C.dsd_error
-	st := C.dsdgo_buffer_wrap(h.buf, C.size_t(offset), C.dsd_dtype(dtype), C.int32_t(len(shape)), i64ptr(shape),
+	st := C.dsdgo_buffer_wrap(h.buf, C.size_t(offset), C.dsd_dtype(dtype), i64ptr(shape), C.size_t(len(shape)),
 		C.bool(readOnly), &out, &e)
 	return goTensor(out), wrap(st, e)
 }
 
-// Free drops the Go side's reference: the memory goes when dsd has let go of it too. Slices
-// from the buffer must not be used afterwards. Idempotent.
-func (h *HostBuffer) Free() {
+// Close drops the Go side's reference: the memory goes when dsd has let go of it too.
+// Slices from the buffer must not be used afterwards. Idempotent; the error is always nil.
+func (h *HostBuffer) Close() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.buf != nil {
 		C.dsdgo_buffer_unref(unsafe.Pointer(h.buf))
 		h.buf = nil
 	}
+	return nil
 }
+
+// Free is Close without its result.
+//
+// Deprecated: use Close.
+func (h *HostBuffer) Free() { h.Close() }
 
 // FromFloat32s copies data into new C memory owned by the returned tensor of the given
 // shape (nil: 1-d of len(data)); the memory is freed when dsd lets go of it.
@@ -145,7 +154,7 @@ func FromFloat32s(data []float32, shape []int64) (Tensor, error) {
 	if err != nil {
 		return Tensor{}, err
 	}
-	defer buf.Free()
+	defer buf.Close()
 	copy(buf.Float32s(), data)
 	return buf.Wrap(0, DTypeF32, shape, false)
 }
@@ -230,37 +239,28 @@ func (sd *StateDict) Keys() ([]string, error) {
 	return keys, nil
 }
 
-// Lists are the missing and unexpected keys as slices.
-func (k *IncompatibleKeys) Lists() (missing, unexpected []string, err error) {
-	nm, nu, err := k.Count()
-	if err != nil {
-		return nil, nil, err
-	}
-	missing, unexpected = make([]string, nm), make([]string, nu)
-	for i := range missing {
-		if missing[i], err = k.Missing(i); err != nil {
-			return nil, nil, err
-		}
-	}
-	for i := range unexpected {
-		if unexpected[i], err = k.Unexpected(i); err != nil {
-			return nil, nil, err
-		}
-	}
-	return missing, unexpected, nil
-}
-
-// Keys are the keys of one list of the report.
-func (r *LoadReport) Keys(list LoadReportList) ([]string, error) {
-	n, err := r.Count(list)
+// Keys are the keys of one list, in order.
+func (k *IncompatibleKeys) Keys(list KeyList) ([]string, error) {
+	n, err := k.Count(list)
 	if err != nil {
 		return nil, err
 	}
 	keys := make([]string, n)
 	for i := range keys {
-		if keys[i], err = r.Key(list, i); err != nil {
+		if keys[i], err = k.Key(list, i); err != nil {
 			return nil, err
 		}
 	}
 	return keys, nil
+}
+
+// Lists are the missing and unexpected keys as slices.
+func (k *IncompatibleKeys) Lists() (missing, unexpected []string, err error) {
+	if missing, err = k.Keys(KeysMissing); err != nil {
+		return nil, nil, err
+	}
+	if unexpected, err = k.Keys(KeysUnexpected); err != nil {
+		return nil, nil, err
+	}
+	return missing, unexpected, nil
 }

@@ -24,10 +24,12 @@
 //
 // # Lifetimes
 //
-// Root objects (*StateDict, *Model, *Optim, *Comm, *Mesh, *Future, *LoadReport,
-// *IncompatibleKeys, *CheckpointManager) have a Close method, idempotent, and a finalizer
-// that closes them if they are dropped unclosed; a method called after Close fails with
-// ErrInvalidArgument (the C function sees NULL). Tensor and Layout are value handles, as
+// Root objects (*StateDict, *Model, *Optim, *Comm, *Mesh, *Future, *IncompatibleKeys
+// (alias *LoadReport), *AsyncCheckpointer, *CheckpointManager) have a Close method,
+// idempotent, and a finalizer that closes them if they are dropped unclosed; a method
+// called after Close fails with ErrInvalidArgument (the C function sees NULL). Close is
+// the C _release of the reference-counted roots (state dicts, communicators, meshes: each
+// Go object holds one reference) and the C _free of the others. Tensor and Layout are value handles, as
 // in C: copy them freely and release each one you were given exactly once; a released or
 // zero handle is an error (ErrStaleHandle), never undefined behaviour. They have no
 // finalizer, since a finalizer on a copyable value would release the handle while copies
@@ -85,5 +87,5 @@ func checkABI(lib uint32) error {
 // ABIVersion is (major << 16) | minor of the loaded library (dsd_abi_version).
 func ABIVersion() uint32 { return uint32(C.dsd_abi_version()) }
 
-// VersionString is the library's semantic version, e.g. "0.1.0" (dsd_version_string).
+// VersionString is the library's semantic version, e.g. "0.2.0" (dsd_version_string).
 func VersionString() string { return C.GoString(C.dsd_version_string()) }

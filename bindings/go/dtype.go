@@ -68,7 +68,7 @@ type Device struct {
 var CPU = Device{Type: DeviceCPU}
 
 func (d Device) c() C.dsd_device {
-	return C.dsd_device{_type: C.int32_t(d.Type), index: C.int32_t(d.Index)}
+	return C.dsd_device{_type: C.dsd_device_type(d.Type), index: C.int32_t(d.Index)}
 }
 
 func goDevice(d C.dsd_device) Device { return Device{Type: DeviceType(d._type), Index: int32(d.index)} }

@@ -96,13 +96,15 @@ func CodeOf(err error) Status {
 	return ErrInternal
 }
 
-// LastErrorMessage is dsd_last_error_message: the message of the last error raised on the
+// LastErrorMessage is dsd_error_last_message: the message of the last error raised on the
 // calling OS thread. Unreliable from Go (goroutines move between threads) unless the
 // goroutine called runtime.LockOSThread; use the returned error instead.
-func LastErrorMessage() string { return C.GoString(C.dsd_last_error_message()) }
+func LastErrorMessage() string { return C.GoString(C.dsd_error_last_message()) }
 
 // wrap turns a status and the error object it came with into a Go error, freeing the
-// object. Every call into dsd goes through it.
+// object. Every call into dsd goes through it, with e a fresh `var e *C.dsd_error` of that
+// call alone: the ABI refuses a call whose *err is not NULL on entry (DSD_E_INVALID_ARGUMENT,
+// doing nothing), so an error variable is never reused for a second call.
 func wrap(st C.dsd_status, e *C.dsd_error) error {
 	if st == C.DSD_OK {
 		return nil

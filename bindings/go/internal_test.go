@@ -1,9 +1,11 @@
 package dsd
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The init-time check refuses a library of another major version, and only that.
@@ -52,5 +54,35 @@ func TestTensorHandleKinds(t *testing.T) {
 	}
 	if err := layout.Release(); err != nil {
 		t.Error(err)
+	}
+}
+
+// A collective waits for the communicator's turn, bounded by its context: here the turn is
+// held as an abandoned barrier would hold it.
+func TestContextCommTurn(t *testing.T) {
+	comm, err := NewCommLocal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer comm.Close()
+	comm.turn <- struct{}{} // busy
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	if err := comm.BarrierContext(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a barrier waiting for a busy communicator gave %v", err)
+	}
+	if _, err := LoadContext(ctx, comm, nil, "/nonexistent", nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a load past its deadline gave %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- comm.Barrier() }()
+	select {
+	case err := <-done:
+		t.Fatalf("a barrier ran while the communicator was busy: %v", err)
+	case <-time.After(30 * time.Millisecond):
+	}
+	comm.release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -7,9 +7,12 @@ package dsd
 import "C"
 
 import (
+	"io"
 	"runtime"
 	"unsafe"
 )
+
+var _ io.Closer = (*StateDict)(nil)
 
 // StateDict is a reference to a dsd_state_dict container: an ordered dict with string keys,
 // or a list (a tuple when made as one). Containers are shared by reference, as in Python:
@@ -59,14 +62,16 @@ func NewStateDictList(isTuple bool) (*StateDict, error) {
 	return newStateDict(out), nil
 }
 
-// Close drops this reference (dsd_state_dict_free). Idempotent; nil is a no-op.
-func (sd *StateDict) Close() {
+// Close drops this reference (dsd_state_dict_release). Idempotent; nil is a no-op; the
+// error is always nil.
+func (sd *StateDict) Close() error {
 	if sd == nil || sd.ptr == nil {
-		return
+		return nil
 	}
-	C.dsd_state_dict_free(sd.ptr)
+	C.dsd_state_dict_release(sd.ptr)
 	sd.ptr = nil
 	runtime.SetFinalizer(sd, nil)
+	return nil
 }
 
 // ContainerKind is KindDict or KindList, and whether a list is a tuple
@@ -414,19 +419,19 @@ func Unflatten(flat, mapping *StateDict) (*StateDict, error) {
 
 // StateDictEqual tells whether two trees are equal (same keys in the same order, equal
 // scalars, tensors of equal dtype, shape and bytes) and, when they are not, describes the
-// first difference (dsd_state_dict_equal).
+// first difference (dsd_state_dict_equal; the description, borrowed from a, is copied).
 func StateDictEqual(a, b *StateDict) (equal bool, why string, err error) {
-	var buf [1024]C.char
 	var out C.bool
+	var cwhy *C.char
 	var e *C.dsd_error
-	err = wrap(C.dsd_state_dict_equal(sdPtr(a), sdPtr(b), &out, &buf[0], C.size_t(len(buf)), &e), e)
+	err = wrap(C.dsd_state_dict_equal(sdPtr(a), sdPtr(b), &out, &cwhy, &e), e)
+	if err == nil && !bool(out) && cwhy != nil {
+		why = C.GoString(cwhy)
+	}
 	runtime.KeepAlive(a)
 	runtime.KeepAlive(b)
 	if err != nil {
 		return false, "", err
-	}
-	if !bool(out) {
-		why = C.GoString(&buf[0])
 	}
 	return bool(out), why, nil
 }

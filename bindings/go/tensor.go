@@ -78,7 +78,7 @@ func TensorFromBlob(data unsafe.Pointer, dtype DType, shape, strides []int64, de
 	}
 	var out C.dsd_tensor
 	var e *C.dsd_error
-	st := C.dsdgo_tensor_from_blob(data, C.dsd_dtype(dtype), C.int32_t(len(shape)), i64ptr(shape), stridesPtr,
+	st := C.dsdgo_tensor_from_blob(data, C.dsd_dtype(dtype), i64ptr(shape), C.size_t(len(shape)), stridesPtr,
 		device.c(), C.bool(readOnly), h, &out, &e)
 	return goTensor(out), wrap(st, e)
 }

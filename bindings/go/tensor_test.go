@@ -13,7 +13,7 @@ import (
 func TestTensorWrapInfoShape(t *testing.T) {
 	buf, err := dsd.NewHostBuffer(6 * 4)
 	must(t, err)
-	defer buf.Free()
+	defer buf.Close()
 	tensor, err := buf.Wrap(0, dsd.DTypeF32, []int64{2, 3}, false)
 	must(t, err)
 	defer tensor.Release()
@@ -86,7 +86,7 @@ func TestTensorReleaseErrors(t *testing.T) {
 func TestTensorFromBlobRelease(t *testing.T) {
 	buf, err := dsd.NewHostBuffer(6 * 8)
 	must(t, err)
-	defer buf.Free()
+	defer buf.Close()
 	for i := range buf.Float64s() {
 		buf.Float64s()[i] = float64(i)
 	}
@@ -136,8 +136,8 @@ func TestTensorHostBufferLifetime(t *testing.T) {
 	copy(buf.Float32s(), []float32{1, 2, 3, 4})
 	tensor, err := buf.Wrap(0, dsd.DTypeF32, []int64{4}, false)
 	must(t, err)
-	buf.Free()
-	buf.Free()
+	buf.Close()
+	buf.Close()
 	if buf.Float32s() != nil {
 		t.Fatal("a freed buffer still hands out slices")
 	}
@@ -155,7 +155,7 @@ func TestTensorHostBufferLifetime(t *testing.T) {
 func TestTensorFinalizerSafetyNet(t *testing.T) {
 	buf, err := dsd.NewHostBuffer(4)
 	must(t, err)
-	defer buf.Free()
+	defer buf.Close()
 	var released int32
 	func() {
 		tensor, err := dsd.TensorFromBlob(buf.Pointer(), dsd.DTypeF32, []int64{1}, nil, dsd.CPU, false,

@@ -172,7 +172,7 @@ func (tr *trainer) close() {
 		p.handle.Release()
 		for _, b := range []*dsd.HostBuffer{p.w, p.m, p.v, p.step} {
 			if b != nil {
-				b.Free()
+				b.Close()
 			}
 		}
 	}

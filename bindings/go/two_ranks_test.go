@@ -73,7 +73,7 @@ func (p *shardedParam) close() {
 	p.dist.Release()
 	p.local.Release()
 	p.layout.Release()
-	p.buf.Free()
+	p.buf.Close()
 }
 
 // TestTwoRanks runs under `dsdrun -n 2` (tests/go/meson.build launches this test binary
@@ -89,10 +89,7 @@ func TestTwoRanks(t *testing.T) {
 	comm, err := dsd.NewCommFromEnv(&copts)
 	must(t, err)
 	defer comm.Close()
-	rank, err := comm.Rank()
-	must(t, err)
-	size, err := comm.Size()
-	must(t, err)
+	rank, size := comm.Rank(), comm.Size()
 	backend, err := comm.Backend()
 	must(t, err)
 	if size != 2 || backend != "gloo" {
@@ -161,7 +158,7 @@ func TestTwoRanks(t *testing.T) {
 	}
 	stepBuf, err := dsd.NewHostBuffer(8)
 	must(t, err)
-	defer stepBuf.Free()
+	defer stepBuf.Close()
 	stepBuf.Float32s()[0] = 3
 	for i, m := range moments {
 		defer m.close()
@@ -296,6 +293,36 @@ func TestTwoRanks(t *testing.T) {
 	if len(unexpected) == 0 {
 		t.Errorf("the load into a partial state dict reported no unexpected keys")
 	}
+
+	// A checkpoint manager over the communicator (collective), synchronous and asynchronous
+	// saves, and an explicit asynchronous checkpointer of its own.
+	mgr, err := dsd.NewCheckpointManager(comm, filepath.Join(dir, "managed"), 1)
+	must(t, err)
+	must(t, mgr.Save(sd, 1, nil))
+	future, err = mgr.SaveAsync(sd, 2, nil)
+	must(t, err)
+	must(t, future.Wait(-1))
+	future.Close()
+	for _, p := range append(params, moments...) {
+		p.fill(0)
+	}
+	step, found, err := mgr.LoadLatest(sd, nil)
+	must(t, err)
+	if !found || step != 2 {
+		t.Errorf("manager: latest step %d (found %v)", step, found)
+	}
+	mgr.Close()
+	for _, p := range append(params, moments...) {
+		p.check(t, "loaded from the manager", p.buf.Float32s(), p.offs, p.sizes, 1)
+	}
+	ac, err := dsd.NewAsyncCheckpointer(comm)
+	must(t, err)
+	future, err = ac.SaveAsync(sd, filepath.Join(dir, "explicit"), nil)
+	must(t, err)
+	must(t, future.Wait(-1))
+	future.Close()
+	ac.Close()
+	must(t, dsd.CheckpointVerify(filepath.Join(dir, "explicit")))
 
 	// Any rank can read the whole checkpoint without a communicator.
 	whole, err := dsd.LoadFull(ckpt, []string{"model.fc.weight"})

@@ -5,6 +5,7 @@
 
 #include "capi/src/dists.h"
 #include "capi/src/guard.h"
+#include "capi/src/options.h"
 #include "core/dist/nccl_comm.h"
 #include "core/dist/rendezvous.h"
 
@@ -13,41 +14,33 @@ namespace {
 
 constexpr int64_t kDefaultTimeoutMs = 30 * 60 * 1000;
 
-// The options a caller passed, checked; defaults for NULL. A newer caller's larger struct is
-// fine as long as it sets nothing this library does not know.
-Result<CommOptions> read_options(const dsd_comm_options* o) {
-  CommOptions out;
-  if (o == nullptr) return out;
-  constexpr size_t kKnown = sizeof(dsd_comm_options);
-  if (o->struct_size < kKnown) {
-    return make_error(Code::kInvalidArgument,
-                      "options->struct_size is {}, but dsd_comm_options has {} bytes (call "
-                      "dsd_comm_options_init() first)",
-                      o->struct_size, kKnown);
-  }
-  const auto* bytes = reinterpret_cast<const unsigned char*>(o);
-  for (size_t i = kKnown; i < o->struct_size; ++i) {
-    if (bytes[i] != 0) {
-      return make_error(Code::kUnsupported,
-                        "options set fields this libdsd does not know (struct_size {} > {})",
-                        o->struct_size, kKnown);
-    }
-  }
-  if (o->reserved != 0) return Error(Code::kInvalidArgument, "options->reserved must be 0");
-  if (o->timeout_ms <= 0) {
+// The options a caller passed, checked; defaults for NULL.
+Result<CommOptions> comm_options(const dsd_comm_options* o) {
+  dsd_comm_options defaults;
+  dsd_comm_options_init(&defaults);
+  const dsd_comm_options in = TRY(read_options(o, defaults, {sizeof(dsd_comm_options)},
+                                               "dsd_comm_options", "dsd_comm_options_init"));
+  if (in.reserved != 0) return Error(Code::kInvalidArgument, "options->reserved must be 0");
+  if (in.timeout_ms <= 0) {
     return make_error(Code::kInvalidArgument, "options->timeout_ms must be positive, not {}",
-                      o->timeout_ms);
+                      in.timeout_ms);
   }
-  out.timeout = std::chrono::milliseconds(o->timeout_ms);
+  CommOptions out;
+  out.timeout = std::chrono::milliseconds(in.timeout_ms);
   return out;
 }
 
 dsd_comm* wrap(std::shared_ptr<Communicator> c) {
   std::string backend = c->backend_name();
-  return new dsd_comm{std::move(c), std::move(backend), nullptr};
+  return new dsd_comm(std::move(c), std::move(backend));
 }
 
 }  // namespace
+
+std::shared_ptr<Communicator> comm_or_local(const dsd_comm* comm) {
+  return comm == nullptr ? make_local_communicator() : comm->comm;
+}
+
 }  // namespace dsd::capi
 
 using dsd::capi::guard;
@@ -65,7 +58,7 @@ void dsd_comm_options_init(dsd_comm_options* options) {
 dsd_status dsd_comm_new_from_env(const dsd_comm_options* options, dsd_comm** out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
-    dsd::CommOptions o = TRY(dsd::capi::read_options(options));
+    dsd::CommOptions o = TRY(dsd::capi::comm_options(options));
     auto comm = TRY(dsd::communicator_from_env(o));
     *out = dsd::capi::wrap(std::move(comm));
     return dsd::ok();
@@ -78,7 +71,7 @@ dsd_status dsd_comm_new_file_store(const char* path, int32_t rank, int32_t size,
   return guard(err, [&]() -> dsd::Status {
     TRY(require(path, "path"));
     TRY(require(out, "out"));
-    dsd::CommOptions o = TRY(dsd::capi::read_options(options));
+    dsd::CommOptions o = TRY(dsd::capi::comm_options(options));
     auto comm = TRY(dsd::communicator_from_file_store(path, rank, size, o));
     *out = dsd::capi::wrap(std::move(comm));
     return dsd::ok();
@@ -90,7 +83,7 @@ dsd_status dsd_comm_new_nccl(void* nccl_comm, void* cuda_stream, int32_t rank, i
   return guard(err, [&]() -> dsd::Status {
     TRY(require(nccl_comm, "nccl_comm"));
     TRY(require(out, "out"));
-    dsd::CommOptions o = TRY(dsd::capi::read_options(options));
+    dsd::CommOptions o = TRY(dsd::capi::comm_options(options));
     auto comm = TRY(dsd::make_nccl_communicator(nccl_comm, cuda_stream, rank, size, o.timeout));
     *out = dsd::capi::wrap(std::move(comm));
     return dsd::ok();
@@ -105,7 +98,9 @@ dsd_status dsd_comm_new_local(dsd_comm** out, dsd_error** err) {
   });
 }
 
-void dsd_comm_free(dsd_comm* comm) { delete comm; }
+dsd_comm* dsd_comm_retain(dsd_comm* comm) { return dsd::capi::retain_root(comm); }
+
+void dsd_comm_release(dsd_comm* comm) { dsd::capi::release_root(comm); }
 
 dsd_status dsd_comm_rank(const dsd_comm* comm, int32_t* out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {

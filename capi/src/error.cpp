@@ -4,11 +4,48 @@
 #include <string>
 
 #include "capi/src/guard.h"
+#include "core/base/make_error.h"
 #include "core/tensor/dtype.h"
 
 namespace dsd::capi {
 namespace {
+
+// The core's codes are the C ABI's status codes, one for one: a status is a static_cast away.
+static_assert(static_cast<dsd_status>(Code::kOk) == DSD_OK);
+static_assert(static_cast<dsd_status>(Code::kInvalidArgument) == DSD_E_INVALID_ARGUMENT);
+static_assert(static_cast<dsd_status>(Code::kStaleHandle) == DSD_E_STALE_HANDLE);
+static_assert(static_cast<dsd_status>(Code::kWrongKind) == DSD_E_WRONG_KIND);
+static_assert(static_cast<dsd_status>(Code::kNotFound) == DSD_E_NOT_FOUND);
+static_assert(static_cast<dsd_status>(Code::kUnexpectedKey) == DSD_E_UNEXPECTED_KEY);
+static_assert(static_cast<dsd_status>(Code::kDtypeMismatch) == DSD_E_DTYPE_MISMATCH);
+static_assert(static_cast<dsd_status>(Code::kShapeMismatch) == DSD_E_SHAPE_MISMATCH);
+static_assert(static_cast<dsd_status>(Code::kDevice) == DSD_E_DEVICE);
+static_assert(static_cast<dsd_status>(Code::kIo) == DSD_E_IO);
+static_assert(static_cast<dsd_status>(Code::kCorrupt) == DSD_E_CORRUPT);
+static_assert(static_cast<dsd_status>(Code::kExists) == DSD_E_EXISTS);
+static_assert(static_cast<dsd_status>(Code::kComm) == DSD_E_COMM);
+static_assert(static_cast<dsd_status>(Code::kTimeout) == DSD_E_TIMEOUT);
+static_assert(static_cast<dsd_status>(Code::kNoSpace) == DSD_E_NO_SPACE);
+static_assert(static_cast<dsd_status>(Code::kUnsupported) == DSD_E_UNSUPPORTED);
+static_assert(static_cast<dsd_status>(Code::kOutOfMemory) == DSD_E_OUT_OF_MEMORY);
+static_assert(static_cast<dsd_status>(Code::kInternal) == DSD_E_INTERNAL);
+static_assert(static_cast<dsd_status>(Code::kBufferTooSmall) == DSD_E_BUFFER_TOO_SMALL);
+static_assert(static_cast<dsd_status>(Code::kAbiMismatch) == DSD_E_ABI_MISMATCH);
+static_assert(static_cast<dsd_status>(Code::kState) == DSD_E_STATE);
+static_assert(static_cast<dsd_status>(Code::kCallback) == DSD_E_CALLBACK);
+static_assert(static_cast<dsd_status>(Code::kReadOnly) == DSD_E_READ_ONLY);
+static_assert(DSD_E_READ_ONLY == 22, "a new code must be added to the asserts above and to dsd_status_name");
+
 thread_local std::string t_last_error;
+}
+
+Error null_argument(const char* name) {
+  return Error(Code::kInvalidArgument, std::string(name) + " is NULL");
+}
+
+Error too_many_dims(size_t ndim, const char* what) {
+  return make_error(Code::kInvalidArgument, "{} has {} dimensions, more than {} (a negative count?)",
+                    what, ndim, kMaxDims);
 }
 
 dsd_status fail(dsd_error** err, Error e) noexcept {
@@ -53,7 +90,7 @@ const char* dsd_status_name(dsd_status status) {
   return dsd::code_name(static_cast<dsd::Code>(status)).data();
 }
 
-const char* dsd_last_error_message(void) { return dsd::capi::t_last_error.c_str(); }
+const char* dsd_error_last_message(void) { return dsd::capi::t_last_error.c_str(); }
 
 size_t dsd_dtype_size(dsd_dtype dtype) {
   auto d = dsd::dtype_from_code(dtype);

@@ -24,8 +24,13 @@ namespace dsd::capi {
 // Records `e` in *err (when err is not NULL) and as the thread's last error; returns its code.
 dsd_status fail(dsd_error** err, Error e) noexcept;
 
+// GLib's rule (the header's Errors convention): *err must be NULL on entry. A call that finds
+// an error object there does nothing, leaves that object alone and returns this code.
+inline bool err_in_use(dsd_error** err) noexcept { return err != nullptr && *err != nullptr; }
+
 template <class F>
 dsd_status guard(dsd_error** err, F&& body) noexcept {
+  if (err_in_use(err)) return DSD_E_INVALID_ARGUMENT;
   try {
     Status s = body();
     if (s.ok()) return DSD_OK;
@@ -41,9 +46,20 @@ dsd_status guard(dsd_error** err, F&& body) noexcept {
   }
 }
 
-// Argument checks shared by every function.
+// Argument checks shared by every function: inline on the success path (every call makes
+// several), the error built out of line.
+[[gnu::cold, gnu::noinline]] Error null_argument(const char* name);
 inline Status require(const void* p, const char* name) {
-  if (p == nullptr) return Error(Code::kInvalidArgument, std::string(name) + " is NULL");
+  if (p == nullptr) [[unlikely]] return null_argument(name);
+  return ok();
+}
+
+// Dimension counts come in as size_t: a negative int cast by a binding becomes huge. No tensor
+// or mesh has more dimensions than this (PyTorch's own limit on dims is far below it).
+inline constexpr size_t kMaxDims = 64;
+[[gnu::cold, gnu::noinline]] Error too_many_dims(size_t ndim, const char* what);
+inline Status check_ndim(size_t ndim, const char* what) {
+  if (ndim > kMaxDims) [[unlikely]] return too_many_dims(ndim, what);
   return ok();
 }
 

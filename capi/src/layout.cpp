@@ -7,6 +7,7 @@
 #include "capi/src/guard.h"
 #include "capi/src/state_dicts.h"
 #include "capi/src/tensors.h"
+#include "core/statedict/dist_tensor.h"
 
 namespace dsd::capi {
 
@@ -18,6 +19,7 @@ LayoutTable& layout_table() {
 namespace {
 
 Result<std::vector<int64_t>> dims_of(const int64_t* p, size_t n, const char* what) {
+  TRY(check_ndim(n, what));
   if (n > 0) TRY(require(p, what));
   return std::vector<int64_t>(p, p + n);
 }
@@ -26,16 +28,6 @@ Result<Placement> placement_from(const dsd_placement& p, size_t mesh_dim) {
   if (p.kind == DSD_PLACEMENT_REPLICATE) return Placement::replicate();
   if (p.kind == DSD_PLACEMENT_SHARD) return Placement::shard(p.dim);
   return make_error(Code::kInvalidArgument, "placement {} has unknown kind {}", mesh_dim, p.kind);
-}
-
-// This rank's box, with ndim sizes and offsets even when it is not part of the mesh (then it
-// holds nothing: all zeros), where PyTorch reports shape (0,) and no offsets.
-Chunk local_box(const Layout& l) {
-  if (!l.is_explicit() && !l.mesh()->my_coordinate()) {
-    const size_t n = l.global_shape().size();
-    return Chunk{std::vector<int64_t>(n, 0), std::vector<int64_t>(n, 0)};
-  }
-  return l.local_chunk();
 }
 
 }  // namespace
@@ -51,18 +43,9 @@ namespace {
 // This rank's tensor with a layout, checked: its shape must be the layout's local chunk.
 Result<TensorValue> dist_tensor(dsd_tensor local, dsd_layout layout, const char* key) {
   TensorValue v = TRY(lookup(local));
-  v.layout = TRY(lookup(layout));
-  const Chunk box = local_box(*v.layout);
-  const bool holds_nothing = box.numel() == 0 && v.tensor.numel() == 0;
-  if (!holds_nothing && v.tensor.sizes() != c10::IntArrayRef(box.sizes)) {
-    const std::string name = key != nullptr ? fmt::format("'{}'", key) : std::string("the tensor");
-    return make_error_at(Code::kShapeMismatch, key != nullptr ? key : "",
-                         "local tensor of {} has shape [{}], but its layout ({}) gives "
-                         "rank {} the chunk {} of shape [{}]",
-                         name, fmt::join(v.tensor.sizes(), ", "), v.layout->str(),
-                         v.layout->mesh()->my_rank(), box.str(), fmt::join(box.sizes, ", "));
-  }
-  return v;
+  LayoutPtr l = TRY(lookup(layout));
+  return make_dist_tensor(std::move(v), std::move(l),
+                          key != nullptr ? std::optional<std::string_view>(key) : std::nullopt);
 }
 
 }  // namespace
@@ -71,15 +54,15 @@ Result<TensorValue> dist_tensor(dsd_tensor local, dsd_layout layout, const char*
 extern "C" {
 
 dsd_status dsd_layout_new_placements(const dsd_mesh* mesh, const int64_t* global_shape, size_t ndim,
-                                     const dsd_placement* placements, size_t n, dsd_layout* out,
-                                     dsd_error** err) {
+                                     const dsd_placement* placements, size_t count,
+                                     dsd_layout* out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(mesh, "mesh"));
     std::vector<int64_t> shape = TRY(dsd::capi::dims_of(global_shape, ndim, "global_shape"));
-    if (n > 0) TRY(require(placements, "placements"));
+    if (count > 0) TRY(require(placements, "placements"));
     TRY(require(out, "out"));
     std::vector<dsd::Placement> ps;
-    for (size_t i = 0; i < n; ++i) ps.push_back(TRY(dsd::capi::placement_from(placements[i], i)));
+    for (size_t i = 0; i < count; ++i) ps.push_back(TRY(dsd::capi::placement_from(placements[i], i)));
     auto layout = TRY(dsd::Layout::on_mesh(std::move(shape), mesh->mesh, std::move(ps)));
     *out = dsd::capi::make_layout_handle(std::move(layout));
     return dsd::ok();
@@ -132,19 +115,19 @@ dsd_status dsd_layout_global_shape(dsd_layout layout, int64_t* out, size_t capac
   });
 }
 
-dsd_status dsd_layout_local_chunk(dsd_layout layout, int64_t* offsets_out, int64_t* sizes_out,
+dsd_status dsd_layout_local_chunk(dsd_layout layout, int64_t* out_offsets, int64_t* out_sizes,
                                   size_t capacity, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
-    TRY(require(offsets_out, "offsets_out"));
-    TRY(require(sizes_out, "sizes_out"));
+    TRY(require(out_offsets, "out_offsets"));
+    TRY(require(out_sizes, "out_sizes"));
     dsd::capi::LayoutPtr l = TRY(dsd::capi::lookup(layout));
-    const dsd::Chunk box = dsd::capi::local_box(*l);
+    const dsd::Chunk box = dsd::local_box(*l);
     if (capacity < box.sizes.size()) {
       return dsd::make_error(Code::kBufferTooSmall, "the local chunk needs room for {} values, {} given",
                              box.sizes.size(), capacity);
     }
-    std::copy(box.offsets.begin(), box.offsets.end(), offsets_out);
-    std::copy(box.sizes.begin(), box.sizes.end(), sizes_out);
+    std::copy(box.offsets.begin(), box.offsets.end(), out_offsets);
+    std::copy(box.sizes.begin(), box.sizes.end(), out_sizes);
     return dsd::ok();
   });
 }
@@ -183,7 +166,7 @@ dsd_status dsd_layout_mesh(dsd_layout layout, dsd_mesh** out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
     dsd::capi::LayoutPtr l = TRY(dsd::capi::lookup(layout));
-    *out = new dsd_mesh{l->mesh()};
+    *out = new dsd_mesh(l->mesh());
     return dsd::ok();
   });
 }

@@ -10,7 +10,7 @@
 
 namespace dsd::capi {
 
-dsd_state_dict* wrap(Value container) { return new dsd_state_dict{std::move(container)}; }
+dsd_state_dict* wrap(Value container) { return new dsd_state_dict(std::move(container)); }
 
 Result<Dict*> as_dict(const dsd_state_dict* sd, const char* what) {
   TRY(require(sd, what));
@@ -118,17 +118,24 @@ dsd_status dsd_state_dict_new_list(bool is_tuple, dsd_state_dict** out, dsd_erro
   });
 }
 
-void dsd_state_dict_free(dsd_state_dict* sd) { delete sd; }
+dsd_state_dict* dsd_state_dict_retain(dsd_state_dict* sd) {
+  if (sd != nullptr) sd->refs.fetch_add(1, std::memory_order_relaxed);
+  return sd;
+}
 
-dsd_status dsd_state_dict_container_kind(const dsd_state_dict* sd, dsd_kind* out, bool* is_tuple,
+void dsd_state_dict_release(dsd_state_dict* sd) {
+  if (sd != nullptr && sd->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete sd;
+}
+
+dsd_status dsd_state_dict_container_kind(const dsd_state_dict* sd, dsd_kind* out_kind, bool* out_is_tuple,
                                          dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(sd, "sd"));
-    TRY(require(out, "out"));
-    *out = static_cast<dsd_kind>(sd->node.kind());
-    if (is_tuple != nullptr) {
+    TRY(require(out_kind, "out_kind"));
+    *out_kind = dsd::capi::to_c_kind(sd->node.kind());
+    if (out_is_tuple != nullptr) {
       const dsd::List* l = sd->node.if_list();
-      *is_tuple = l != nullptr && l->is_tuple();
+      *out_is_tuple = l != nullptr && l->is_tuple();
     }
     return dsd::ok();
   });
@@ -200,7 +207,7 @@ dsd_status dsd_state_dict_kind(const dsd_state_dict* sd, size_t index, dsd_kind*
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
     const dsd::Value* v = TRY(dsd::capi::value_at(sd, index));
-    *out = static_cast<dsd_kind>(v->kind());
+    *out = dsd::capi::to_c_kind(v->kind());
     return dsd::ok();
   });
 }
@@ -230,26 +237,26 @@ dsd_status dsd_state_dict_get_double(const dsd_state_dict* sd, size_t index, dou
   });
 }
 
-dsd_status dsd_state_dict_get_string(const dsd_state_dict* sd, size_t index, const char** data,
-                                     size_t* len, dsd_error** err) {
+dsd_status dsd_state_dict_get_string(const dsd_state_dict* sd, size_t index, const char** out_data,
+                                     size_t* out_len, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
-    TRY(require(data, "data"));
-    TRY(require(len, "len"));
+    TRY(require(out_data, "out_data"));
+    TRY(require(out_len, "out_len"));
     const std::string* s = TRY(dsd::capi::typed_at(sd, index, dsd::Kind::kString, &dsd::Value::if_string));
-    *data = s->c_str();
-    *len = s->size();
+    *out_data = s->c_str();
+    *out_len = s->size();
     return dsd::ok();
   });
 }
 
-dsd_status dsd_state_dict_get_bytes(const dsd_state_dict* sd, size_t index, const void** data,
-                                    size_t* len, dsd_error** err) {
+dsd_status dsd_state_dict_get_bytes(const dsd_state_dict* sd, size_t index, const void** out_data,
+                                    size_t* out_len, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
-    TRY(require(data, "data"));
-    TRY(require(len, "len"));
+    TRY(require(out_data, "out_data"));
+    TRY(require(out_len, "out_len"));
     const dsd::Bytes* b = TRY(dsd::capi::typed_at(sd, index, dsd::Kind::kBytes, &dsd::Value::if_bytes));
-    *data = b->data.data();
-    *len = b->data.size();
+    *out_data = b->data.data();
+    *out_len = b->data.size();
     return dsd::ok();
   });
 }
@@ -349,12 +356,12 @@ dsd_status dsd_state_dict_remove(dsd_state_dict* sd, size_t index, dsd_error** e
   });
 }
 
-dsd_status dsd_state_dict_flatten(const dsd_state_dict* sd, dsd_state_dict** flat_out,
-                                  dsd_state_dict** mapping_out, dsd_error** err) {
+dsd_status dsd_state_dict_flatten(const dsd_state_dict* sd, dsd_state_dict** out_flat,
+                                  dsd_state_dict** out_mapping, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     dsd::Dict* d = TRY(dsd::capi::as_dict(sd, "sd"));
-    TRY(require(flat_out, "flat_out"));
-    TRY(require(mapping_out, "mapping_out"));
+    TRY(require(out_flat, "out_flat"));
+    TRY(require(out_mapping, "out_mapping"));
     dsd::FlatStateDict flat = TRY(dsd::flatten_state_dict(*d));
     auto mapping = dsd::Dict::make();
     mapping->reserve(flat.mapping.size());
@@ -369,8 +376,8 @@ dsd_status dsd_state_dict_flatten(const dsd_state_dict* sd, dsd_state_dict** fla
       }
       mapping->append_unique(key, dsd::Value(segs));
     }
-    *flat_out = dsd::capi::wrap(flat.flat);
-    *mapping_out = dsd::capi::wrap(mapping);
+    *out_flat = dsd::capi::wrap(flat.flat);
+    *out_mapping = dsd::capi::wrap(mapping);
     return dsd::ok();
   });
 }
@@ -408,19 +415,16 @@ dsd_status dsd_state_dict_unflatten(const dsd_state_dict* flat, const dsd_state_
   });
 }
 
-dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b, bool* out,
-                                char* why, size_t why_capacity, dsd_error** err) {
+dsd_status dsd_state_dict_equal(const dsd_state_dict* a, const dsd_state_dict* b, bool* out_equal,
+                                const char** out_why, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(a, "a"));
     TRY(require(b, "b"));
-    TRY(require(out, "out"));
+    TRY(require(out_equal, "out_equal"));
     std::string reason;
-    *out = dsd::deep_equal(a->node, b->node, &reason);
-    if (why != nullptr && why_capacity > 0) {
-      const size_t n = std::min(reason.size(), why_capacity - 1);
-      std::memcpy(why, reason.data(), n);
-      why[n] = '\0';
-    }
+    const bool equal = dsd::deep_equal(a->node, b->node, &reason);
+    if (out_why != nullptr) *out_why = equal ? "" : a->keep(std::move(reason));
+    *out_equal = equal;
     return dsd::ok();
   });
 }

@@ -35,6 +35,11 @@ using dsd::capi::require;
 extern "C" {
 
 dsd_status dsd_tensor_from_dlpack(struct DLManagedTensor* src, dsd_tensor* out, dsd_error** err) {
+  // Ownership was passed to us: honour it even when the call is refused before its body.
+  if (dsd::capi::err_in_use(err)) {
+    if (src != nullptr && src->deleter != nullptr) src->deleter(src);
+    return DSD_E_INVALID_ARGUMENT;
+  }
   return guard(err, [&]() -> dsd::Status {
     if (out == nullptr) {
       // Ownership was passed to us: honour it even though we cannot answer.
@@ -49,6 +54,10 @@ dsd_status dsd_tensor_from_dlpack(struct DLManagedTensor* src, dsd_tensor* out, 
 
 dsd_status dsd_tensor_from_dlpack_versioned(struct DLManagedTensorVersioned* src, dsd_tensor* out,
                                             dsd_error** err) {
+  if (dsd::capi::err_in_use(err)) {
+    if (src != nullptr && src->deleter != nullptr) src->deleter(src);
+    return DSD_E_INVALID_ARGUMENT;
+  }
   return guard(err, [&]() -> dsd::Status {
     if (out == nullptr) {
       if (src != nullptr && src->deleter != nullptr) src->deleter(src);
@@ -60,7 +69,7 @@ dsd_status dsd_tensor_from_dlpack_versioned(struct DLManagedTensorVersioned* src
   });
 }
 
-dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const int64_t* shape,
+dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, const int64_t* shape, size_t ndim,
                                 const int64_t* strides, dsd_device device, bool read_only,
                                 dsd_release_fn release, void* user_data, dsd_tensor* out,
                                 dsd_error** err) {
@@ -74,7 +83,7 @@ dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const
   } owed{release, user_data};
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
-    if (ndim < 0) return dsd::make_error(Code::kInvalidArgument, "ndim is negative ({})", ndim);
+    TRY(dsd::capi::check_ndim(ndim, "the tensor"));
     if (ndim > 0) TRY(require(shape, "shape"));
     auto dt = dsd::dtype_from_code(dtype);
     if (!dt) return dsd::make_error(Code::kDtypeMismatch, "unknown dtype code {}", dtype);
@@ -87,8 +96,8 @@ dsd_status dsd_tensor_from_blob(void* data, dsd_dtype dtype, int32_t ndim, const
     dsd::Blob blob;
     blob.data = data;
     blob.dtype = *dt;
-    blob.shape = {shape, static_cast<size_t>(ndim)};
-    if (strides != nullptr) blob.strides = {strides, static_cast<size_t>(ndim)};
+    blob.shape = {shape, ndim};
+    if (strides != nullptr) blob.strides = {strides, ndim};
     blob.device = dev;
     if (owed.fn != nullptr) {
       blob.release = [fn = owed.fn, ud = owed.user_data] { fn(ud); };
@@ -143,36 +152,55 @@ dsd_status dsd_tensor_retain(dsd_tensor tensor, dsd_tensor* out, dsd_error** err
 dsd_status dsd_tensor_info_get(dsd_tensor tensor, dsd_tensor_info* out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(out, "out"));
-    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
-    const at::Tensor& t = v.tensor;
-    const dsd::DType dt = TRY(dsd::dtype_from_scalar_type(t.scalar_type()));
     dsd_tensor_info info{};
-    info.dtype = static_cast<dsd_dtype>(dt);
-    info.ndim = static_cast<int32_t>(t.dim());
-    info.device = t.is_cuda() ? dsd_device{DSD_DEVICE_CUDA, t.device().index()}
-                              : dsd_device{DSD_DEVICE_CPU, 0};
-    info.numel = t.numel();
-    info.data = info.numel == 0 ? nullptr : t.data_ptr();
-    info.nbytes = static_cast<size_t>(info.numel) * dsd::element_size(dt);
-    info.read_only = v.read_only;
-    info.contiguous = t.is_contiguous();
+    c10::ScalarType type = c10::ScalarType::Undefined;
+    // Read in place under the handle's slot lock: no copy of the tensor's reference.
+    TRY(dsd::capi::tensor_table().read(tensor.bits, [&](const dsd::TensorValue& v) {
+      const at::Tensor& t = v.tensor;
+      type = t.scalar_type();
+      info.ndim = static_cast<size_t>(t.dim());
+      info.device = t.is_cuda() ? dsd_device{DSD_DEVICE_CUDA, t.device().index()}
+                                : dsd_device{DSD_DEVICE_CPU, 0};
+      info.numel = t.numel();
+      info.data = info.numel == 0 ? nullptr : t.data_ptr();
+      info.nbytes = static_cast<size_t>(info.numel) * t.element_size();
+      info.read_only = v.read_only;
+      info.contiguous = t.is_contiguous();
+    }));
+    info.dtype = static_cast<dsd_dtype>(TRY(dsd::dtype_from_scalar_type(type)));
     *out = info;
     return dsd::ok();
   });
 }
 
+namespace {
+
+// Copies a tensor's sizes or strides out, read in place under the handle's slot lock.
+dsd::Status copy_dims(dsd_tensor tensor, bool strides, int64_t* out, size_t capacity) {
+  TRY(require(out, "out"));
+  size_t ndim = 0;
+  bool fits = false;
+  TRY(dsd::capi::tensor_table().read(tensor.bits, [&](const dsd::TensorValue& v) {
+    const c10::IntArrayRef dims = strides ? v.tensor.strides() : v.tensor.sizes();
+    ndim = dims.size();
+    fits = ndim <= capacity;
+    if (fits) std::copy(dims.begin(), dims.end(), out);
+  }));
+  if (!fits) {
+    return dsd::make_error(Code::kBufferTooSmall, "{} needs room for {} values, {} given",
+                           strides ? "strides" : "shape", ndim, capacity);
+  }
+  return dsd::ok();
+}
+
+}  // namespace
+
 dsd_status dsd_tensor_shape(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
-  return guard(err, [&]() -> dsd::Status {
-    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
-    return dsd::capi::copy_out({v.tensor.sizes().data(), v.tensor.sizes().size()}, out, capacity, "shape");
-  });
+  return guard(err, [&]() -> dsd::Status { return copy_dims(tensor, false, out, capacity); });
 }
 
 dsd_status dsd_tensor_strides(dsd_tensor tensor, int64_t* out, size_t capacity, dsd_error** err) {
-  return guard(err, [&]() -> dsd::Status {
-    dsd::TensorValue v = TRY(dsd::capi::lookup(tensor));
-    return dsd::capi::copy_out({v.tensor.strides().data(), v.tensor.strides().size()}, out, capacity, "strides");
-  });
+  return guard(err, [&]() -> dsd::Status { return copy_dims(tensor, true, out, capacity); });
 }
 
 }  // extern "C"

@@ -1,11 +1,14 @@
 // Result<T>: a value or an Error, and TRY to propagate the Error.
 //
 // Shaped after SerenityOS's ErrorOr / Abseil's StatusOr: a function that can fail returns
-// Result<T>; callers either handle the Error or forward it with TRY(expr).
+// Result<T>; callers either handle the Error or forward it with TRY(expr). The Error lives on
+// the heap, so the success path carries one pointer (a Status is a null pointer): every C ABI
+// call returns through several of these.
 #pragma once
 
 #include <cassert>
 #include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -14,6 +17,26 @@
 
 namespace dsd {
 
+// An Error on the heap, copied deeply: what a Result holds when it failed.
+class ErrorBox {
+ public:
+  ErrorBox() = default;
+  explicit ErrorBox(Error e) : p_(std::make_unique<Error>(std::move(e))) {}
+  ErrorBox(const ErrorBox& o) : p_(o.p_ ? std::make_unique<Error>(*o.p_) : nullptr) {}
+  ErrorBox& operator=(const ErrorBox& o) {
+    if (this != &o) p_ = o.p_ ? std::make_unique<Error>(*o.p_) : nullptr;
+    return *this;
+  }
+  ErrorBox(ErrorBox&&) noexcept = default;
+  ErrorBox& operator=(ErrorBox&&) noexcept = default;
+
+  bool empty() const { return p_ == nullptr; }
+  Error& operator*() const { return *p_; }
+
+ private:
+  std::unique_ptr<Error> p_;
+};
+
 template <class T>
 class [[nodiscard]] Result {
  public:
@@ -21,7 +44,7 @@ class [[nodiscard]] Result {
   using value_type = T;
 
   Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit by design
-  Result(Error error) : v_(std::in_place_index<1>, std::move(error)) {}  // NOLINT
+  Result(Error error) : v_(std::in_place_index<1>, ErrorBox(std::move(error))) {}  // NOLINT
 
   template <class U>
     requires(std::is_constructible_v<T, U&&> && !std::is_same_v<std::decay_t<U>, Result> &&
@@ -35,8 +58,8 @@ class [[nodiscard]] Result {
   const T& value() const& { return const_cast<Result*>(this)->checked(); }
   T&& value() && { return std::move(checked()); }
 
-  const Error& error() const& { return std::get<1>(v_); }
-  Error&& error() && { return std::get<1>(std::move(v_)); }
+  const Error& error() const& { return *std::get<1>(v_); }
+  Error&& error() && { return std::move(*std::get<1>(v_)); }
 
   T* operator->() { return &checked(); }
   const T* operator->() const { return &const_cast<Result*>(this)->checked(); }
@@ -48,26 +71,25 @@ class [[nodiscard]] Result {
     if (v_.index() != 0) std::abort();  // value() on an error is a bug, never UB
     return std::get<0>(v_);
   }
-  std::variant<T, Error> v_;
+  std::variant<T, ErrorBox> v_;
 };
 
 template <>
 class [[nodiscard]] Result<void> {
  public:
   Result() = default;
-  Result(Error error) : error_(std::move(error)), ok_(false) {}  // NOLINT
+  Result(Error error) : error_(std::move(error)) {}  // NOLINT
 
-  bool ok() const { return ok_; }
-  explicit operator bool() const { return ok_; }
+  bool ok() const { return error_.empty(); }
+  explicit operator bool() const { return ok(); }
   void value() const {
-    if (!ok_) std::abort();
+    if (!error_.empty()) std::abort();
   }
-  const Error& error() const& { return error_; }
-  Error&& error() && { return std::move(error_); }
+  const Error& error() const& { return *error_; }
+  Error&& error() && { return std::move(*error_); }
 
  private:
-  Error error_;
-  bool ok_ = true;
+  ErrorBox error_;  // empty: success
 };
 
 using Status = Result<void>;

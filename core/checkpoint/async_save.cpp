@@ -9,10 +9,9 @@
 #include <cstring>
 #include <unordered_map>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 #include "core/checkpoint/pool.h"
-#include "core/checkpoint/save_internal.h"
 
 namespace dsd::checkpoint {
 namespace {

@@ -18,11 +18,12 @@
 //                               written (a partial data file on disk)
 //   save.after_write            this rank's data files are written and fsynced, before the
 //                               ranks agree that every write succeeded
-//   save.before_commit          coordinator: write results merged, manifest not yet written
+//   save.before_commit          coordinator: write results merged, the manifest (DCP format:
+//                               `.metadata`) not yet written
 //   atomic_write.before_rename  a temporary file is written and fsynced but not yet renamed
 //                               into place: the temporary manifest of a save (also the
 //                               checkpoint manager's `latest` pointer)
-//   save.after_commit           coordinator: the new manifest is in place, the other ranks
+//   save.after_commit           coordinator: the new manifest (`.metadata`) is in place, the other ranks
 //                               have not yet heard that the save committed
 //   save.after_cleanup_one      coordinator: the first data file of the replaced checkpoint
 //                               has been removed, the others not yet

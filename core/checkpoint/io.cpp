@@ -11,7 +11,7 @@
 #include <filesystem>
 #include <random>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/checkpoint/crash_point.h"
 
 namespace dsd::checkpoint {
@@ -60,6 +60,41 @@ Result<File> open_for_read(const std::string& path) {
     return io_error(errno, path, "cannot open");
   }
   return File(fd, path);
+}
+
+Result<File> open_dir(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return make_error_at(Code::kNotFound, path, "directory '{}' does not exist", path);
+    return io_error(errno, path, "cannot open the directory");
+  }
+  return File(fd, path);
+}
+
+Result<File> open_in_dir(const File& dir, std::string_view name, bool follow_links) {
+  const std::string path = join(dir.path(), name);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+  const int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | (follow_links ? 0 : O_NOFOLLOW);
+  const int fd = ::openat(dir.fd(), std::string(name).c_str(), flags);
+  if (fd < 0) {
+    if (errno == ENOENT) return make_error_at(Code::kNotFound, path, "file '{}' does not exist", path);
+    if (errno == ELOOP && !follow_links) {
+      return make_error_at(Code::kCorrupt, path,
+                           "data file '{}' is a symbolic link; dsd reads only the checkpoint directory's own files "
+                           "(allow_external_files opts in)",
+                           path);
+    }
+    return io_error(errno, path, "cannot open");
+  }
+  File f(fd, path);
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) return io_error(errno, path, "cannot stat");
+  if (!S_ISREG(st.st_mode)) {
+    return make_error_at(Code::kCorrupt, path, "data file '{}' is not a regular file", path);
+  }
+  const int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  return f;
 }
 
 Result<File> create_new(const std::string& path) {

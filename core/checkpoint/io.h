@@ -41,6 +41,13 @@ class File {
 std::string join(std::string_view dir, std::string_view name);
 
 Result<File> open_for_read(const std::string& path);
+// Opens the directory `path` for open_in_dir (O_DIRECTORY).
+Result<File> open_dir(const std::string& path);
+// Opens `name`, a plain name, for reading relative to the open directory `dir` (openat), so
+// what is read is the file of that directory whatever happens to the path meanwhile. Refuses
+// (kCorrupt naming the file) anything but a regular file (a FIFO would block the reader), and
+// a symbolic link unless `follow_links` (O_NOFOLLOW). kNotFound when it does not exist.
+Result<File> open_in_dir(const File& dir, std::string_view name, bool follow_links);
 // Creates a new file; kExists when it is already there (never truncates another file).
 Result<File> create_new(const std::string& path);
 

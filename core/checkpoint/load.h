@@ -1,9 +1,9 @@
-// Loading a dsd checkpoint, in place and with resharding (DCP's dcp.load), or into a new
-// full state dict (DCP's _load_state_dict_from_keys).
+// Loading a checkpoint of either format, in place and with resharding (DCP's dcp.load), or
+// into a new full state dict (DCP's _load_state_dict_from_keys). The load planner
+// (load_planner.h) decides what to read, the storage reader (storage_reader.h) reads it.
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -24,6 +24,8 @@ struct LoadOptions {
   int thread_count = 0;
   // Check the block checksums of every byte read (kCorrupt naming file and key on mismatch).
   bool verify = true;
+  // Follow data files that are symbolic links (source.h's OpenOptions); off, they are refused.
+  bool allow_external_files = false;
 };
 
 struct LoadReport {
@@ -60,21 +62,5 @@ Result<DictPtr> load_full(const std::string& path, std::span<const std::string> 
 // from all its saved chunks: how conversions stream a checkpoint tensor by tensor. Errors as
 // load_full.
 Result<at::Tensor> read_full_tensor(const Source& source, const Entry& entry, const LoadOptions& options = {});
-
-struct VerifyProblem {
-  std::string file;
-  std::string key;
-  std::string message;
-};
-
-// Reads every chunk of the checkpoint and checks its chunk and block checksums; one problem
-// per damaged chunk (empty when intact). A DCP checkpoint, which has no checksums of its own,
-// is checked for what can be: every chunk located inside its archive and matching the
-// metadata, all its bytes readable, every value parsed, the chunks tiling each tensor.
-// Errors only when the manifest (or DCP metadata) itself is unusable.
-// `progress`, when set, receives (bytes checked, total bytes) as chunks finish, never
-// concurrently.
-Result<std::vector<VerifyProblem>> verify(const std::string& path, int thread_count = 0,
-                                          const std::function<void(uint64_t, uint64_t)>& progress = {});
 
 }  // namespace dsd::checkpoint

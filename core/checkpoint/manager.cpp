@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <charconv>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/source.h"
 

@@ -6,7 +6,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "core/base/format.h"
+#include "core/base/json_limits.h"
+#include "core/base/make_error.h"
+#include "core/base/strings.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -15,6 +17,9 @@ using nlohmann::json;
 
 constexpr std::string_view kFormatName = "dsd-checkpoint";
 constexpr int kMaxValueDepth = 64;
+// The manifest's own envelope is 4 levels deep (object, entries, entry, value); a value
+// nests up to kMaxValueDepth containers, each at most 3 JSON levels ({"dict": [[k, v]]}).
+constexpr int kMaxManifestJsonDepth = 4 + 3 * kMaxValueDepth + 4;
 
 std::optional<int64_t> as_i64(const json& j) {
   if (j.is_number_integer() && !j.is_number_unsigned()) return j.get<int64_t>();
@@ -112,15 +117,9 @@ Result<Entry> parse_entry(const json& j, std::string_view source) {
   if (path == nullptr || !path->is_array() || path->empty()) {
     return bad(source, e.key, "has no non-empty 'path'");
   }
-  for (const json& p : *path) {
-    if (p.is_string()) {
-      e.path.emplace_back(p.get<std::string>());
-    } else if (auto i = as_i64(p)) {
-      e.path.emplace_back(*i);
-    } else {
-      return bad(source, e.key, "has a path item that is neither a string nor an integer");
-    }
-  }
+  auto parsed = path_from_json(*path);
+  if (!parsed) return bad(source, e.key, "has a path item that is neither a string nor an integer");
+  e.path = std::move(*parsed);
   const std::string kind = TRY(get_string(j, "kind", source, e.key));
   if (kind == "value") {
     e.kind = Entry::Kind::kValue;
@@ -219,31 +218,6 @@ Status validate_tensor(const Manifest& m, const Entry& e,
   return ok();
 }
 
-void append_base64(std::string& out, const unsigned char* p, size_t n) {
-  static constexpr char kAlphabet[] =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  size_t i = 0;
-  for (; i + 3 <= n; i += 3) {
-    const uint32_t v = (p[i] << 16) | (p[i + 1] << 8) | p[i + 2];
-    out += kAlphabet[v >> 18];
-    out += kAlphabet[(v >> 12) & 63];
-    out += kAlphabet[(v >> 6) & 63];
-    out += kAlphabet[v & 63];
-  }
-  if (n - i == 1) {
-    const uint32_t v = p[i] << 16;
-    out += kAlphabet[v >> 18];
-    out += kAlphabet[(v >> 12) & 63];
-    out += "==";
-  } else if (n - i == 2) {
-    const uint32_t v = (p[i] << 16) | (p[i + 1] << 8);
-    out += kAlphabet[v >> 18];
-    out += kAlphabet[(v >> 12) & 63];
-    out += kAlphabet[(v >> 6) & 63];
-    out += '=';
-  }
-}
-
 Status check_value_rec(const json& v, std::string_view key, int depth) {
   auto corrupt = [&](std::string_view what) {
     return make_error_at(Code::kCorrupt, std::string(key), "value '{}' {}", key, what);
@@ -290,6 +264,28 @@ Status check_value_rec(const json& v, std::string_view key, int depth) {
   return corrupt("has an unknown tagged object");
 }
 
+// No entry may sit inside another's subtree: ["model"] beside ["model", "w"] would replace
+// the tensors under "model" by one leaf when the nested state dict is rebuilt.
+Status check_path_collisions(const Manifest& m) {
+  std::set<Path> leaves;
+  for (const Entry& e : m.entries) {
+    if (!leaves.insert(e.path).second) {
+      return make_error_at(Code::kCorrupt, e.key, "key '{}' has the same path as another entry", e.key);
+    }
+  }
+  for (const Entry& e : m.entries) {
+    Path prefix;
+    for (size_t i = 0; i + 1 < e.path.size(); ++i) {
+      prefix.push_back(e.path[i]);
+      if (leaves.count(prefix)) {
+        return make_error_at(Code::kCorrupt, e.key, "key '{}' lies inside entry '{}', which is a leaf", e.key,
+                             join_path(prefix));
+      }
+    }
+  }
+  return ok();
+}
+
 }  // namespace
 
 const Entry* Manifest::find(std::string_view key) const {
@@ -299,19 +295,24 @@ const Entry* Manifest::find(std::string_view key) const {
   return nullptr;
 }
 
-std::string hex64(uint64_t v) { return fmt::format("{:016x}", v); }
-
-std::optional<uint64_t> parse_hex64(std::string_view s) {
-  if (s.size() != 16) return std::nullopt;
-  uint64_t v = 0;
-  for (char c : s) {
-    int d;
-    if (c >= '0' && c <= '9') d = c - '0';
-    else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-    else return std::nullopt;
-    v = (v << 4) | static_cast<uint64_t>(d);
+json path_to_json(const Path& path) {
+  json out = json::array();
+  for (const PathSegment& p : path) {
+    if (const auto* k = p.if_key()) out.push_back(*k);
+    else out.push_back(*p.if_index());
   }
-  return v;
+  return out;
+}
+
+std::optional<Path> path_from_json(const json& j) {
+  if (!j.is_array()) return std::nullopt;
+  Path out;
+  for (const json& x : j) {
+    if (x.is_string()) out.emplace_back(x.get<std::string>());
+    else if (auto i = as_i64(x)) out.emplace_back(*i);
+    else return std::nullopt;
+  }
+  return out;
 }
 
 uint64_t block_count(uint64_t nbytes, uint64_t block_size) {
@@ -322,48 +323,6 @@ bool is_plain_file_name(std::string_view name) {
   if (name.empty() || name == "." || name == ".." || name.size() > 255) return false;
   return name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos &&
          name.find('\\') == std::string_view::npos;
-}
-
-std::string base64_encode(std::string_view bytes) {
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
-  append_base64(out, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
-  return out;
-}
-
-std::optional<std::string> base64_decode(std::string_view text) {
-  if (text.size() % 4 != 0) return std::nullopt;
-  auto val = [](char c) -> int {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    if (c == '+') return 62;
-    if (c == '/') return 63;
-    return -1;
-  };
-  std::string out;
-  out.reserve(text.size() / 4 * 3);
-  for (size_t i = 0; i < text.size(); i += 4) {
-    const bool last = i + 4 == text.size();
-    int v[4];
-    int pad = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char c = text[i + static_cast<size_t>(k)];
-      if (c == '=' && last && k >= 2) {
-        v[k] = 0;
-        ++pad;
-      } else {
-        if (pad > 0) return std::nullopt;
-        v[k] = val(c);
-        if (v[k] < 0) return std::nullopt;
-      }
-    }
-    const uint32_t n = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
-    out += static_cast<char>((n >> 16) & 0xFF);
-    if (pad < 2) out += static_cast<char>((n >> 8) & 0xFF);
-    if (pad < 1) out += static_cast<char>(n & 0xFF);
-  }
-  return out;
 }
 
 Status check_value_json(const json& v, std::string_view key) { return check_value_rec(v, key, 0); }
@@ -382,21 +341,13 @@ std::string manifest_to_json(const Manifest& m) {
   }
   auto& ikd = j["int_key_dicts"] = nlohmann::ordered_json::array();
   for (const auto& path : m.int_key_dicts) {
-    auto& p = ikd.emplace_back(nlohmann::ordered_json::array());
-    for (const PathItem& x : path) {
-      if (const auto* s = std::get_if<std::string>(&x)) p.push_back(*s);
-      else p.push_back(std::get<int64_t>(x));
-    }
+    ikd.push_back(nlohmann::ordered_json(path_to_json(path)));
   }
   auto& entries = j["entries"] = nlohmann::ordered_json::array();
   for (const Entry& e : m.entries) {
     nlohmann::ordered_json o;
     o["key"] = e.key;
-    auto& path = o["path"] = nlohmann::ordered_json::array();
-    for (const PathItem& p : e.path) {
-      if (const auto* s = std::get_if<std::string>(&p)) path.push_back(*s);
-      else path.push_back(std::get<int64_t>(p));
-    }
+    o["path"] = path_to_json(e.path);
     if (e.kind == Entry::Kind::kValue) {
       o["kind"] = "value";
       o["value"] = nlohmann::ordered_json::parse(e.value.dump());
@@ -424,10 +375,7 @@ std::string manifest_to_json(const Manifest& m) {
 }
 
 Result<Manifest> parse_manifest(std::string_view text, std::string_view source) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) {
-    return make_error_at(Code::kCorrupt, std::string(source), "{} is not valid JSON", source);
-  }
+  const json j = TRY(parse_json_strict(text, source, kMaxManifestJsonDepth));
   if (!j.is_object()) {
     return make_error_at(Code::kCorrupt, std::string(source), "{} is not a JSON object", source);
   }
@@ -467,13 +415,9 @@ Result<Manifest> parse_manifest(std::string_view text, std::string_view source) 
     if (!ikd->is_array()) return bad(source, "the manifest", "has an 'int_key_dicts' that is not an array");
     for (const json& p : *ikd) {
       if (!p.is_array()) return bad(source, "int_key_dicts", "holds a path that is not an array");
-      std::vector<PathItem> path;
-      for (const json& x : p) {
-        if (x.is_string()) path.emplace_back(x.get<std::string>());
-        else if (auto i = as_i64(x)) path.emplace_back(*i);
-        else return bad(source, "int_key_dicts", "holds a path item that is neither a string nor an integer");
-      }
-      m.int_key_dicts.push_back(std::move(path));
+      auto path = path_from_json(p);
+      if (!path) return bad(source, "int_key_dicts", "holds a path item that is neither a string nor an integer");
+      m.int_key_dicts.push_back(std::move(*path));
     }
   }
   const json* entries = field(j, "entries");
@@ -508,6 +452,10 @@ Status validate_manifest(const Manifest& m) {
       return make_error_at(Code::kCorrupt, e.key, "key '{}' appears twice", e.key);
     }
     if (e.path.empty()) return make_error_at(Code::kCorrupt, e.key, "key '{}' has an empty path", e.key);
+    if (join_path(e.path) != e.key) {
+      return make_error_at(Code::kCorrupt, e.key, "key '{}' does not match its path '{}'", e.key,
+                           join_path(e.path));
+    }
     if (e.kind == Entry::Kind::kValue) {
       TRY(check_value_json(e.value, e.key));
       continue;
@@ -517,6 +465,7 @@ Status validate_manifest(const Manifest& m) {
       if (c.end > c.begin) ranges[c.file].emplace_back(c.begin, c.end);
     }
   }
+  TRY(check_path_collisions(m));
   for (auto& [file, rs] : ranges) {
     std::sort(rs.begin(), rs.end());
     for (size_t i = 1; i < rs.size(); ++i) {

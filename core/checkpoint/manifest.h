@@ -30,10 +30,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <variant>
 #include <vector>
 
 #include "core/base/result.h"
+#include "core/statedict/path.h"
 #include "core/tensor/dtype.h"
 
 namespace dsd::checkpoint {
@@ -41,8 +41,6 @@ namespace dsd::checkpoint {
 inline constexpr std::string_view kManifestName = "checkpoint.json";
 inline constexpr int kFormatVersion = 1;
 inline constexpr uint64_t kDefaultBlockSize = 4u << 20;
-
-using PathItem = std::variant<std::string, int64_t>;
 
 struct ChunkRecord {
   std::vector<int64_t> offsets;  // in the global tensor
@@ -59,7 +57,7 @@ struct ChunkRecord {
 struct Entry {
   enum class Kind { kTensor, kValue };
   std::string key;
-  std::vector<PathItem> path;
+  Path path;
   Kind kind = Kind::kTensor;
   // Tensors.
   DType dtype = DType::kFloat32;
@@ -83,14 +81,15 @@ struct Manifest {
   uint64_t block_size = kDefaultBlockSize;
   std::vector<FileRecord> files;
   std::vector<Entry> entries;
-  std::vector<std::vector<PathItem>> int_key_dicts;
+  std::vector<Path> int_key_dicts;
 
   const Entry* find(std::string_view key) const;
 };
 
-// "0123456789abcdef" <-> 64-bit value.
-std::string hex64(uint64_t v);
-std::optional<uint64_t> parse_hex64(std::string_view s);
+// A path as JSON: an array of strings (keys) and integers (indices), and back (nullopt for
+// anything else, an integer beyond int64 included).
+nlohmann::json path_to_json(const Path& path);
+std::optional<Path> path_from_json(const nlohmann::json& j);
 
 // Number of checksum blocks for `nbytes` (0 for an empty chunk).
 uint64_t block_count(uint64_t nbytes, uint64_t block_size);
@@ -112,9 +111,5 @@ Status validate_manifest(const Manifest& m);
 
 // Checks that `v` is a well-formed value JSON (see above).
 Status check_value_json(const nlohmann::json& v, std::string_view key);
-
-// base64 (standard alphabet, padded).
-std::string base64_encode(std::string_view bytes);
-std::optional<std::string> base64_decode(std::string_view text);
 
 }  // namespace dsd::checkpoint

@@ -12,7 +12,7 @@
 #include <string>
 
 #include "core/base/result.h"
-#include "core/checkpoint/format.h"
+#include "core/checkpoint/format_id.h"
 #include "core/checkpoint/manifest.h"
 #include "core/dist/comm.h"
 #include "core/statedict/value.h"
@@ -50,7 +50,7 @@ struct SaveInfo {
 };
 
 // Crash consistency: data files are new files named after the save id, the manifest is
-// replaced atomically (core/checkpoint/io.h write_file_atomic) only after every rank's data
+// replaced atomically (core/checkpoint/io.h write_file_atomic; storage_writer.h) only after every rank's data
 // files are fsynced, and the replaced checkpoint's files are removed only after that. A crash
 // or kill of any rank at any moment leaves the directory holding the previous checkpoint or
 // the new one, complete; never a mix, never a partial one that loads. A failure reported
@@ -66,5 +66,11 @@ struct SaveInfo {
 // tuple leaf), kComm.
 Result<SaveInfo> save(Communicator& comm, const Dict& state_dict, const std::string& path,
                       const SaveOptions& options = {});
+
+// save() with a status this rank brings in (the async checkpointer's staging failure): the
+// error is agreed at the first collective step, so every rank fails the same way instead of
+// hanging.
+Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, const std::string& path,
+                                  const SaveOptions& options, Status incoming);
 
 }  // namespace dsd::checkpoint

@@ -7,10 +7,12 @@
 #include <map>
 #include <set>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
+#include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load.h"
+#include "core/checkpoint/manifest_validate.h"
 #include "core/checkpoint/value_json.h"
 #include "core/dist/layout.h"
 #include "core/formats/dcp_chunks.h"
@@ -23,29 +25,6 @@ constexpr uint64_t kMaxMetadataBytes = 1u << 30;
 
 Error corrupt(const std::string& dir, const std::string& key, std::string what) {
   return make_error_at(Code::kCorrupt, key, "DCP checkpoint '{}': {}", dir, what);
-}
-
-// The rank of a FileSystemWriter data file name `__<rank>_<k>.distcp`.
-std::optional<int64_t> distcp_rank(std::string_view name) {
-  if (!name.starts_with("__") || !name.ends_with(".distcp")) return std::nullopt;
-  const size_t us = name.find('_', 2);
-  if (us == std::string_view::npos || us == 2) return std::nullopt;
-  int64_t rank = 0;
-  for (char c : name.substr(2, us - 2)) {
-    if (c < '0' || c > '9' || rank > (int64_t{1} << 40)) return std::nullopt;
-    rank = rank * 10 + (c - '0');
-  }
-  return rank;
-}
-
-std::vector<PathItem> path_items(const std::vector<dcp::PathSegment>& path) {
-  std::vector<PathItem> out;
-  out.reserve(path.size());
-  for (const dcp::PathSegment& s : path) {
-    if (const auto* k = std::get_if<std::string>(&s)) out.emplace_back(*k);
-    else out.emplace_back(std::get<int64_t>(s));
-  }
-  return out;
 }
 
 Status check_chunk(const std::string& dir, const std::string& key, const std::vector<int64_t>& shape,
@@ -137,6 +116,28 @@ Result<std::optional<Source>> open_dcp(const std::string& dir) {
   return std::optional(TRY(dcp_source(dir, std::move(merged), true)));
 }
 
+// Opens every data file of a dsd manifest inside `dir` and checks it against the manifest.
+Result<std::shared_ptr<const std::map<std::string, File>>> open_data_files(const std::string& dir, const Manifest& m,
+                                                                        const OpenOptions& options) {
+  const File d = TRY(open_dir(dir));
+  auto files = std::make_shared<std::map<std::string, File>>();
+  std::map<std::string, DataFileInfo> infos;
+  for (const FileRecord& r : m.files) {
+    File f = TRY(open_in_dir(d, r.name, options.allow_external_files));
+    DataFileInfo info;
+    info.size = TRY(file_size(f));
+    if (info.size != r.size) {
+      return make_error_at(Code::kCorrupt, r.name, "data file '{}' has {} bytes, the manifest records {}", f.path(),
+                           info.size, r.size);
+    }
+    info.header = TRY(safetensors::read_header(f.fd(), f.path()));
+    infos.emplace(r.name, std::move(info));
+    files->emplace(r.name, std::move(f));
+  }
+  TRY(check_data_files(m, infos));
+  return std::shared_ptr<const std::map<std::string, File>>(std::move(files));
+}
+
 }  // namespace
 
 Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool rank_local) {
@@ -159,7 +160,7 @@ Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool r
       index.values.emplace(mi.fqn, info);
     }
   }
-  std::map<std::string_view, const std::vector<dcp::PathSegment>*> paths;
+  std::map<std::string_view, const Path*> paths;
   if (metadata.planner_data) {
     for (const auto& [fqn, path] : *metadata.planner_data) paths.emplace(fqn, &path);
   }
@@ -171,7 +172,7 @@ Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool r
     Entry e;
     e.key = fqn;
     if (auto p = paths.find(fqn); p != paths.end() && !p->second->empty()) {
-      e.path = path_items(*p->second);
+      e.path = *p->second;
     } else {
       e.path = {fqn};
     }
@@ -212,7 +213,7 @@ Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool r
   return s;
 }
 
-Result<Source> open_source(const std::string& path) {
+Result<Source> open_source(const std::string& path, const OpenOptions& options) {
   if (!path_exists(join(path, kManifestName))) {
     auto dcp = TRY(open_dcp(path));
     if (dcp) return std::move(*dcp);
@@ -223,6 +224,7 @@ Result<Source> open_source(const std::string& path) {
   s.format = Format::kDsd;
   s.dir = path;
   s.manifest = TRY(read_manifest(path));
+  s.files = TRY(open_data_files(path, s.manifest, options));
   return s;
 }
 

@@ -12,12 +12,14 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_map>
 
 #include "core/base/result.h"
-#include "core/checkpoint/format.h"
+#include "core/checkpoint/format_id.h"
+#include "core/checkpoint/io.h"
 #include "core/checkpoint/manifest.h"
 #include "core/formats/dcp_metadata.h"
 #include "core/statedict/value.h"
@@ -39,17 +41,30 @@ struct Source {
   std::string dir;
   Manifest manifest;
   std::optional<DcpIndex> dcp;  // kDcp only
+  // kDsd: every data file, opened once inside the directory when the source was opened and
+  // checked against the manifest (manifest_validate.h); readers use these descriptors, never
+  // the path again. Shared: a Source may be copied.
+  std::shared_ptr<const std::map<std::string, File>> files;
 
   // Whether chunk byte ranges are checksummed (dsd) and can be read without locating (dsd).
   bool is_dsd() const { return format == Format::kDsd; }
 };
 
+struct OpenOptions {
+  // dsd: follow a data file that is a symbolic link (to anywhere). Off, such a file is
+  // refused (kCorrupt naming it): a checkpoint directory reads only its own files.
+  bool allow_external_files = false;
+};
+
 // Opens the checkpoint directory `path`: checkpoint.json when there is one, else DCP
-// metadata. Errors: kNotFound (no committed checkpoint of either format), kCorrupt (a
-// manifest or metadata that does not validate, naming the file and key), kUnsupported (a
-// global outside the allow-list in `.metadata`, or storage that is not FileSystemWriter's),
-// kIo.
-Result<Source> open_source(const std::string& path);
+// metadata. A dsd checkpoint is validated whole (manifest_validate.h): the manifest, then
+// each data file (opened relative to the directory, O_NOFOLLOW unless
+// `options.allow_external_files`) against it. Errors: kNotFound (no committed checkpoint of
+// either format, a missing data file), kCorrupt (a manifest, data file header or metadata
+// that does not validate, a data file that is a link or not a regular file; naming the file
+// and key), kUnsupported (a global outside the allow-list in `.metadata`, or storage that is
+// not FileSystemWriter's), kIo.
+Result<Source> open_source(const std::string& path, const OpenOptions& options = {});
 
 // Builds the Source of a DCP checkpoint from its parsed metadata (tests build metadata in
 // memory). Validates that every chunk lies inside its tensor, that every chunk and value has

@@ -2,7 +2,8 @@
 
 #include <cmath>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
+#include "core/base/strings.h"
 #include "core/checkpoint/manifest.h"
 #include "core/formats/safetensors.h"
 

@@ -5,7 +5,7 @@
 
 #include <cstring>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 namespace {

@@ -17,10 +17,9 @@
 #include <vector>
 
 #include "core/base/torch_call.h"
-#include "core/dist/comm_call.h"
 #endif
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 

@@ -3,7 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/dist/mesh.h"
 
 namespace dsd {

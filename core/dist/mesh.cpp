@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <set>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/dist/comm.h"
 
 namespace dsd {

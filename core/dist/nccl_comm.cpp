@@ -1,6 +1,6 @@
 #include "core/dist/nccl_comm.h"
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 #if DSD_HAVE_NCCL
 #include <cuda_runtime_api.h>

@@ -16,8 +16,8 @@
 #include <mutex>
 #include <thread>
 
-#include "core/base/format.h"
-#include "core/dist/comm_call.h"
+#include "core/base/make_error.h"
+#include "core/base/torch_call.h"
 #include "core/dist/gloo_comm.h"
 
 namespace dsd {

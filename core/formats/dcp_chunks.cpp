@@ -3,7 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 
 namespace dsd::dcp {

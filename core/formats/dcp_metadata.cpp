@@ -2,7 +2,7 @@
 
 #include <unordered_map>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd::dcp {
 namespace {
@@ -256,15 +256,15 @@ Result<std::optional<StorageMeta>> get_storage_meta(const PickleValue* v) {
 }
 
 // The default planner's {flat key: (path, ...)}; nullopt for anything else.
-std::optional<std::vector<std::pair<std::string, std::vector<PathSegment>>>> get_planner_data(const PickleValue* v) {
+std::optional<std::vector<std::pair<std::string, Path>>> get_planner_data(const PickleValue* v) {
   const PickleDict* d = v != nullptr ? v->if_dict() : nullptr;
   if (d == nullptr) return std::nullopt;
-  std::vector<std::pair<std::string, std::vector<PathSegment>>> out;
+  std::vector<std::pair<std::string, Path>> out;
   out.reserve(d->items.size());
   for (const auto& [k, path] : d->items) {
     const PickleTuple* t = path.if_tuple();
     if (k.if_str() == nullptr || t == nullptr) return std::nullopt;
-    std::vector<PathSegment> segments;
+    Path segments;
     for (const PickleValue& s : t->items) {
       if (s.if_str() != nullptr) {
         segments.emplace_back(*s.if_str());
@@ -294,8 +294,7 @@ class Builder {
       for (const auto& [fqn, path] : *m.planner_data) {
         std::vector<PickleValue> segments;
         for (const PathSegment& s : path) {
-          segments.push_back(std::holds_alternative<std::string>(s) ? str(std::get<std::string>(s))
-                                                                    : PickleValue::integer(std::get<int64_t>(s)));
+          segments.push_back(s.if_key() != nullptr ? str(*s.if_key()) : PickleValue::integer(*s.if_index()));
         }
         items.emplace_back(str(fqn), PickleValue::tuple(std::move(segments)));
       }

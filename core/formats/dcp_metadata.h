@@ -20,6 +20,7 @@
 
 #include "core/base/result.h"
 #include "core/formats/pickle.h"
+#include "core/statedict/path.h"
 #include "core/tensor/dtype.h"
 
 namespace dsd::dcp {
@@ -84,15 +85,12 @@ struct StorageMeta {
   bool operator==(const StorageMeta&) const = default;
 };
 
-// One step of a planner_data path: a dict key or a list index.
-using PathSegment = std::variant<std::string, int64_t>;
-
 struct Metadata {
   // Flat key -> what was saved under it, in the order PyTorch wrote them.
   std::vector<std::pair<std::string, StorageMetadata>> state_dict_metadata;
   // The default planner's flatten mapping: flat key -> path into the nested state dict.
   // nullopt when the file's planner_data is None or of another shape (a custom planner's).
-  std::optional<std::vector<std::pair<std::string, std::vector<PathSegment>>>> planner_data;
+  std::optional<std::vector<std::pair<std::string, Path>>> planner_data;
   std::vector<std::pair<MetadataIndex, StorageInfo>> storage_data;
   std::optional<StorageMeta> storage_meta;
   std::optional<std::string> version;  // "1.0.0" from FileSystemWriter

@@ -211,6 +211,15 @@ struct PickleReadOptions {
   size_t max_depth = 200;
   // Inputs larger than this are refused before parsing.
   size_t max_bytes = size_t{1} << 32;
+  // Bounds on the result as a tree, i.e. with every shared reference (memo GET, DUP) expanded,
+  // which is what a consumer that walks it (conversion, JSON, repr) builds or visits: the
+  // number of nodes (containers and scalars) and the bytes of its strings and bytes. Counted
+  // once per distinct node while validating, so a "billion laughs" pickle (a few hundred
+  // bytes whose memo references the same list 10 times, 40 levels deep) is refused in
+  // microseconds. A pickle without sharing never expands past its own size, so the limits
+  // applied are max(these, the input's size in bytes): 4 Mi nodes, 256 MiB of text.
+  uint64_t max_expanded_nodes = uint64_t{1} << 22;
+  uint64_t max_expanded_bytes = uint64_t{256} << 20;
 };
 
 // Reads one pickle from `data` (borrowed for the call) and returns its top-level object.
@@ -235,7 +244,7 @@ struct PickleReadOptions {
 //   opcode, stack underflow, a missing MARK, an unknown memo index, a length past the end,
 //   invalid UTF-8, a wrong operand type (REDUCE on a non-global, BUILD on a non-object,
 //   APPEND to a non-list...), a cycle, nesting deeper than `max_depth`, input larger than
-//   `max_bytes`.
+//   `max_bytes`, a result whose expansion exceeds `max_expanded_nodes` / `max_expanded_bytes`.
 Result<PickleValue> pickle_loads(std::string_view data, const PickleReadOptions& options);
 
 struct PickleWriteOptions {

@@ -1,213 +1,23 @@
 // The restricted unpickler: Python's pickle.py load loop, with every opcode that would import
 // or call something replaced by building a node. See pickle.h for the contract.
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <limits>
 #include <unordered_map>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/formats/pickle.h"
+#include "core/formats/pickle_graph.h"
+#include "core/formats/pickle_opcodes.h"
+#include "core/formats/pickle_text.h"
 #include "core/formats/utf8.h"
 
 namespace dsd {
 namespace {
 
-// Opcodes, by protocol (Lib/pickle.py).
-enum Op : uint8_t {
-  kMark = '(', kStop = '.', kPop = '0', kPopMark = '1', kDup = '2', kFloat = 'F', kInt = 'I',
-  kBinInt = 'J', kBinInt1 = 'K', kLong = 'L', kBinInt2 = 'M', kNone = 'N', kPersId = 'P',
-  kBinPersId = 'Q', kReduce = 'R', kString = 'S', kBinString = 'T', kShortBinString = 'U',
-  kUnicode = 'V', kBinUnicode = 'X', kAppend = 'a', kBuild = 'b', kGlobal = 'c', kDict = 'd',
-  kEmptyDict = '}', kAppends = 'e', kGet = 'g', kBinGet = 'h', kInst = 'i', kLongBinGet = 'j',
-  kList = 'l', kEmptyList = ']', kObj = 'o', kPut = 'p', kBinPut = 'q', kLongBinPut = 'r',
-  kSetItem = 's', kTuple = 't', kEmptyTuple = ')', kSetItems = 'u', kBinFloat = 'G',
-  // protocol 2
-  kProto = 0x80, kNewObj = 0x81, kExt1 = 0x82, kExt2 = 0x83, kExt4 = 0x84, kTuple1 = 0x85,
-  kTuple2 = 0x86, kTuple3 = 0x87, kNewTrue = 0x88, kNewFalse = 0x89, kLong1 = 0x8a,
-  kLong4 = 0x8b,
-  // protocol 3
-  kBinBytes = 'B', kShortBinBytes = 'C',
-  // protocol 4
-  kShortBinUnicode = 0x8c, kBinUnicode8 = 0x8d, kBinBytes8 = 0x8e, kEmptySet = 0x8f,
-  kAddItems = 0x90, kFrozenSet = 0x91, kNewObjEx = 0x92, kStackGlobal = 0x93, kMemoize = 0x94,
-  kFrame = 0x95,
-  // protocol 5
-  kByteArray8 = 0x96, kNextBuffer = 0x97, kReadonlyBuffer = 0x98,
-};
-
-std::string_view op_name(uint8_t op) {
-  switch (op) {
-    case kMark: return "MARK";
-    case kStop: return "STOP";
-    case kPop: return "POP";
-    case kPopMark: return "POP_MARK";
-    case kDup: return "DUP";
-    case kFloat: return "FLOAT";
-    case kInt: return "INT";
-    case kBinInt: return "BININT";
-    case kBinInt1: return "BININT1";
-    case kLong: return "LONG";
-    case kBinInt2: return "BININT2";
-    case kNone: return "NONE";
-    case kPersId: return "PERSID";
-    case kBinPersId: return "BINPERSID";
-    case kReduce: return "REDUCE";
-    case kString: return "STRING";
-    case kBinString: return "BINSTRING";
-    case kShortBinString: return "SHORT_BINSTRING";
-    case kUnicode: return "UNICODE";
-    case kBinUnicode: return "BINUNICODE";
-    case kAppend: return "APPEND";
-    case kBuild: return "BUILD";
-    case kGlobal: return "GLOBAL";
-    case kDict: return "DICT";
-    case kEmptyDict: return "EMPTY_DICT";
-    case kAppends: return "APPENDS";
-    case kGet: return "GET";
-    case kBinGet: return "BINGET";
-    case kInst: return "INST";
-    case kLongBinGet: return "LONG_BINGET";
-    case kList: return "LIST";
-    case kEmptyList: return "EMPTY_LIST";
-    case kObj: return "OBJ";
-    case kPut: return "PUT";
-    case kBinPut: return "BINPUT";
-    case kLongBinPut: return "LONG_BINPUT";
-    case kSetItem: return "SETITEM";
-    case kTuple: return "TUPLE";
-    case kEmptyTuple: return "EMPTY_TUPLE";
-    case kSetItems: return "SETITEMS";
-    case kBinFloat: return "BINFLOAT";
-    case kProto: return "PROTO";
-    case kNewObj: return "NEWOBJ";
-    case kExt1: return "EXT1";
-    case kExt2: return "EXT2";
-    case kExt4: return "EXT4";
-    case kTuple1: return "TUPLE1";
-    case kTuple2: return "TUPLE2";
-    case kTuple3: return "TUPLE3";
-    case kNewTrue: return "NEWTRUE";
-    case kNewFalse: return "NEWFALSE";
-    case kLong1: return "LONG1";
-    case kLong4: return "LONG4";
-    case kBinBytes: return "BINBYTES";
-    case kShortBinBytes: return "SHORT_BINBYTES";
-    case kShortBinUnicode: return "SHORT_BINUNICODE";
-    case kBinUnicode8: return "BINUNICODE8";
-    case kBinBytes8: return "BINBYTES8";
-    case kEmptySet: return "EMPTY_SET";
-    case kAddItems: return "ADDITEMS";
-    case kFrozenSet: return "FROZENSET";
-    case kNewObjEx: return "NEWOBJ_EX";
-    case kStackGlobal: return "STACK_GLOBAL";
-    case kMemoize: return "MEMOIZE";
-    case kFrame: return "FRAME";
-    case kByteArray8: return "BYTEARRAY8";
-    case kNextBuffer: return "NEXT_BUFFER";
-    case kReadonlyBuffer: return "READONLY_BUFFER";
-    default: return "";
-  }
-}
-
-uint64_t load_le(std::string_view b) {
-  uint64_t v = 0;
-  for (size_t i = b.size(); i-- > 0;) v = (v << 8) | static_cast<unsigned char>(b[i]);
-  return v;
-}
-
-bool is_digits(std::string_view s) {
-  if (s.empty()) return false;
-  for (char c : s) {
-    if (c < '0' || c > '9') return false;
-  }
-  return true;
-}
-
-int hex_digit(char h) {
-  if (h >= '0' && h <= '9') return h - '0';
-  if (h >= 'a' && h <= 'f') return h - 'a' + 10;
-  if (h >= 'A' && h <= 'F') return h - 'A' + 10;
-  return -1;
-}
-
-// Python's codecs.escape_decode, which protocol 0 STRING uses. Returns false for a malformed
-// \x escape, as Python does.
-bool escape_decode(std::string_view s, std::string& out) {
-  out.clear();
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] != '\\') {
-      out += s[i];
-      continue;
-    }
-    if (i + 1 == s.size()) return false;  // "Trailing \ in string"
-    const char c = s[++i];
-    switch (c) {
-      case '\n': break;
-      case '\\': out += '\\'; break;
-      case '\'': out += '\''; break;
-      case '"': out += '"'; break;
-      case 'a': out += '\a'; break;
-      case 'b': out += '\b'; break;
-      case 'f': out += '\f'; break;
-      case 'n': out += '\n'; break;
-      case 'r': out += '\r'; break;
-      case 't': out += '\t'; break;
-      case 'v': out += '\v'; break;
-      case 'x':
-        if (i + 2 >= s.size() || hex_digit(s[i + 1]) < 0 || hex_digit(s[i + 2]) < 0) return false;
-        out += static_cast<char>(hex_digit(s[i + 1]) * 16 + hex_digit(s[i + 2]));
-        i += 2;
-        break;
-      default:
-        if (c >= '0' && c <= '7') {
-          int v = c - '0';
-          for (int k = 0; k < 2 && i + 1 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '7'; ++k) {
-            v = v * 8 + (s[++i] - '0');
-          }
-          out += static_cast<char>(v & 0xFF);
-        } else {
-          out += '\\';
-          out += c;
-        }
-    }
-  }
-  return true;
-}
-
-// Python's raw-unicode-escape decoding (protocol 0 UNICODE): bytes are Latin-1 code points,
-// except \uXXXX and \UXXXXXXXX after an odd number of backslashes. Returns false when an
-// escape is truncated or out of range.
-bool raw_unicode_escape_decode(std::string_view s, std::string& out) {
-  out.clear();
-  size_t i = 0;
-  while (i < s.size()) {
-    if (s[i] != '\\') {
-      append_utf8(out, static_cast<unsigned char>(s[i++]));
-      continue;
-    }
-    size_t run = 0;
-    while (i < s.size() && s[i] == '\\') {
-      out += '\\';
-      ++i;
-      ++run;
-    }
-    if (run % 2 == 0 || i >= s.size() || (s[i] != 'u' && s[i] != 'U')) continue;
-    out.pop_back();
-    int count = s[i] == 'u' ? 4 : 8;
-    ++i;
-    uint32_t cp = 0;
-    for (; count > 0 && i < s.size(); --count, ++i) {
-      const char h = s[i];
-      const int d = hex_digit(h);
-      if (d < 0) return false;
-      cp = cp * 16 + static_cast<uint32_t>(d);
-    }
-    if (count > 0 || cp > 0x10FFFF) return false;
-    append_utf8(out, cp);
-  }
-  return true;
-}
+using namespace pickle_ops;  // NOLINT: the opcodes
+using namespace pickle_text;  // NOLINT: argument decoding
 
 // `s` quoted for an error message, with anything but printable ASCII escaped: 'ab\xff'.
 std::string shown(std::string_view s) {
@@ -788,47 +598,6 @@ class Unpickler {
 
   // ---- the result -------------------------------------------------------------------------
 
-  template <class F>
-  static void for_each_child(const PickleValue& v, F&& f) {
-    if (const PickleTuple* t = v.if_tuple()) {
-      for (const auto& c : t->items) f(c);
-    } else if (const PickleList* l = v.if_list()) {
-      for (const auto& c : l->items) f(c);
-    } else if (const PickleDict* d = v.if_dict()) {
-      for (const auto& [k, c] : d->items) {
-        f(k);
-        f(c);
-      }
-    } else if (const PickleSet* s = v.if_set()) {
-      for (const auto& c : s->items) f(c);
-    } else if (const PickleObject* o = v.if_object()) {
-      f(o->callable);
-      f(o->args);
-      f(o->kwargs);
-      if (o->state) f(*o->state);
-      for (const auto& c : o->list_items) f(c);
-      for (const auto& [k, c] : o->dict_items) {
-        f(k);
-        f(c);
-      }
-    } else if (const PicklePersistentId* p = v.if_persistent_id()) {
-      f(p->id);
-    }
-  }
-
-  static bool has_children(const PickleValue& v) {
-    using K = PickleValue::Kind;
-    switch (v.kind()) {
-      case K::kTuple:
-      case K::kList:
-      case K::kDict:
-      case K::kSet:
-      case K::kObject:
-      case K::kPersistentId: return true;
-      default: return false;
-    }
-  }
-
   // Height of `v` (1 for a container of scalars), checking for cycles and for nesting deeper
   // than max_depth below `depth` enclosing containers. Shared nodes are visited once.
   Result<size_t> visit(const PickleValue& v, size_t depth) {
@@ -861,24 +630,56 @@ class Unpickler {
     return corrupt(fmt::format("containers nest deeper than {} levels", options_.max_depth));
   }
 
-  Status validate(const PickleValue& root) {
-    TRY(visit(root, 0));
-    return ok();
+  // The size of `v` as a tree (every shared reference expanded): nodes, and bytes of text.
+  // Runs after visit(), so the graph is acyclic and at most max_depth deep; each distinct
+  // node is summed once (saturating), so this is linear in the graph, not in its expansion.
+  struct Expanded {
+    uint64_t nodes = 0;
+    uint64_t bytes = 0;
+  };
+  static uint64_t sat_add(uint64_t a, uint64_t b) {
+    return a > std::numeric_limits<uint64_t>::max() - b ? std::numeric_limits<uint64_t>::max() : a + b;
+  }
+  Expanded expanded(const PickleValue& v) {
+    if (!has_children(v)) {
+      uint64_t bytes = 0;
+      if (const std::string* s = v.if_str()) bytes = s->size();
+      if (const std::string* b = v.if_bytes()) bytes = b->size();
+      return {1, bytes};
+    }
+    auto it = expanded_.find(v.node());
+    if (it != expanded_.end()) return it->second;
+    Expanded sum{1, 0};
+    for_each_child(v, [&](const PickleValue& c) {
+      const Expanded e = expanded(c);
+      sum.nodes = sat_add(sum.nodes, e.nodes);
+      sum.bytes = sat_add(sum.bytes, e.bytes);
+    });
+    expanded_.emplace(v.node(), sum);
+    return sum;
   }
 
-  static void clear_children(const PickleValue& v) {
-    if (PickleTuple* t = v.if_tuple()) t->items.clear();
-    if (PickleList* l = v.if_list()) l->items.clear();
-    if (PickleDict* d = v.if_dict()) d->items.clear();
-    if (PickleSet* s = v.if_set()) s->items.clear();
-    if (PickleObject* o = v.if_object()) {
-      o->args = PickleValue();
-      o->kwargs = PickleValue();
-      o->state.reset();
-      o->list_items.clear();
-      o->dict_items.clear();
+  Status validate(const PickleValue& root) {
+    TRY(visit(root, 0));
+    const Expanded e = expanded(root);
+    expanded_.clear();
+    const uint64_t max_nodes = std::max<uint64_t>(options_.max_expanded_nodes, data_.size());
+    const uint64_t max_bytes = std::max<uint64_t>(options_.max_expanded_bytes, data_.size());
+    if (e.nodes > max_nodes) {
+      return corrupt(fmt::format("its shared references expand to {} nodes, more than the limit of {} "
+                                 "(a memo fan-out, \"billion laughs\")",
+                                 e.nodes == std::numeric_limits<uint64_t>::max() ? std::string("2^64 or more")
+                                                                                 : std::to_string(e.nodes),
+                                 max_nodes));
     }
-    if (PicklePersistentId* p = v.if_persistent_id()) p->id = PickleValue();
+    if (e.bytes > max_bytes) {
+      return corrupt(fmt::format("its shared references expand to {} bytes of text, more than the limit of {} "
+                                 "(a memo fan-out, \"billion laughs\")",
+                                 e.bytes == std::numeric_limits<uint64_t>::max() ? std::string("2^64 or more")
+                                                                                 : std::to_string(e.bytes),
+                                 max_bytes));
+    }
+    return ok();
   }
 
   // Empties every registered node that the result does not reach (all of them after an
@@ -902,6 +703,7 @@ class Unpickler {
   std::unordered_map<uint64_t, PickleValue> memo_;
   std::vector<PickleValue> containers_;
   std::unordered_map<const void*, size_t> heights_;
+  std::unordered_map<const void*, Expanded> expanded_;
 };
 
 }  // namespace

@@ -5,7 +5,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/formats/pickle.h"
 #include "core/formats/utf8.h"
 

@@ -9,7 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "core/base/format.h"
+#include "core/base/json_limits.h"
+#include "core/base/make_error.h"
 
 namespace dsd::safetensors {
 namespace {
@@ -17,6 +18,7 @@ namespace {
 using nlohmann::json;
 
 constexpr std::string_view kMetadataKey = "__metadata__";
+constexpr int kMaxHeaderDepth = 8;
 
 // A non-negative JSON integer as u64; nullopt for anything else (floats, negatives, strings).
 std::optional<uint64_t> as_u64(const json& j) {
@@ -192,8 +194,9 @@ Result<Header> parse_header(std::string_view text, uint64_t file_size) {
     return make_error(Code::kCorrupt, "safetensors header runs past the end of the file");
   }
   if (!is_valid_utf8(text)) return make_error(Code::kCorrupt, "safetensors header is not UTF-8");
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return make_error(Code::kCorrupt, "safetensors header is not valid JSON");
+  // Depth 3 is all a header needs ({"t": {"shape": [..]}}); repeated names are refused, as
+  // the safetensors library's serde reader refuses them.
+  const json j = TRY(parse_json_strict(text, "safetensors header", kMaxHeaderDepth));
   if (!j.is_object()) return make_error(Code::kCorrupt, "safetensors header is not a JSON object");
   Header h;
   h.data_start = kLengthPrefixBytes + text.size();

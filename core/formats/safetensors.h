@@ -49,7 +49,7 @@ Result<uint64_t> parse_header_length(std::span<const std::byte> first_bytes, uin
 
 // Parses the JSON header (`json`, the N bytes after the length prefix) of a file of
 // `file_size` bytes. Every violation is kCorrupt with a message naming the tensor: invalid
-// JSON or not an object, an entry that is not {dtype, shape, data_offsets}, an unknown
+// JSON or not an object, JSON nested deeper than 8 levels, a name repeated in one object, an entry that is not {dtype, shape, data_offsets}, an unknown
 // dtype, a negative or overflowing shape, shape × element size != data_offsets length,
 // offsets outside the data area, overlapping or leaving gaps, a non string->string
 // "__metadata__".

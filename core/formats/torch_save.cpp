@@ -10,7 +10,7 @@
 #include <cstring>
 #include <unordered_map>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 #include "core/formats/torch_save.h"
 #include "core/tensor/dtype_torch.h"

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <memory>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 namespace {

@@ -1,22 +1,8 @@
 #include "core/statedict/flatten.h"
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
-
-std::string PathSegment::str() const {
-  if (const auto* i = if_index()) return std::to_string(*i);
-  return *if_key();
-}
-
-std::string join_path(const Path& path) {
-  std::string out;
-  for (size_t i = 0; i < path.size(); ++i) {
-    if (i != 0) out += '.';
-    out += path[i].str();
-  }
-  return out;
-}
 
 namespace {
 
@@ -149,6 +135,51 @@ const Value* get_element(const Dict& root, const Path& path) {
     list = cur->if_list();
   }
   return cur;
+}
+
+namespace {
+void collect_int_key_dicts(const Value& v, Path& path, std::vector<Path>& out) {
+  if (const Dict* d = v.if_dict()) {
+    if (d->int_keys()) out.push_back(path);
+    for (const auto& e : *d) {
+      path.push_back(PathSegment::key(e.key));
+      collect_int_key_dicts(e.value, path, out);
+      path.pop_back();
+    }
+  } else if (const List* l = v.if_list()) {
+    for (size_t i = 0; i < l->size(); ++i) {
+      path.push_back(PathSegment::index(static_cast<int64_t>(i)));
+      collect_int_key_dicts((*l)[i], path, out);
+      path.pop_back();
+    }
+  }
+}
+}  // namespace
+
+std::vector<Path> int_key_dict_paths(const Dict& root) {
+  std::vector<Path> out;
+  Path path;
+  if (root.int_keys()) out.emplace_back();
+  for (const auto& e : root) {
+    path.push_back(PathSegment::key(e.key));
+    collect_int_key_dicts(e.value, path, out);
+    path.pop_back();
+  }
+  return out;
+}
+
+void mark_int_key_dicts(Dict& root, const std::vector<Path>& paths) {
+  for (const Path& path : paths) {
+    Dict* d = &root;
+    if (!path.empty()) {
+      const Value* v = get_element(root, path);
+      d = v ? v->if_dict() : nullptr;
+    }
+    if (d == nullptr) continue;
+    bool all_int = true;
+    for (const auto& e : *d) all_int = all_int && is_int_key(e.key);
+    if (all_int) d->set_int_keys(true);
+  }
 }
 
 Result<DictPtr> unflatten_state_dict(const Dict& flat,

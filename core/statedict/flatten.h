@@ -7,30 +7,13 @@
 
 #include <cstdint>
 #include <string>
-#include <variant>
 #include <vector>
 
 #include "core/base/result.h"
+#include "core/statedict/path.h"
 #include "core/statedict/value.h"
 
 namespace dsd {
-
-// One step of a path: a dict key or a list index.
-struct PathSegment {
-  std::variant<std::string, int64_t> v;
-
-  static PathSegment key(std::string k) { return {std::move(k)}; }
-  static PathSegment index(int64_t i) { return {i}; }
-  bool is_index() const { return std::holds_alternative<int64_t>(v); }
-  const std::string* if_key() const { return std::get_if<std::string>(&v); }
-  const int64_t* if_index() const { return std::get_if<int64_t>(&v); }
-  std::string str() const;
-  bool operator==(const PathSegment&) const = default;
-};
-using Path = std::vector<PathSegment>;
-
-// "a.0.b" for ("a", 0, "b").
-std::string join_path(const Path& path);
 
 enum class FlattenStyle {
   // DCP's traversal (PyTorch >= 2.4): dicts are always entered; a list is entered only if it
@@ -58,6 +41,14 @@ Result<DictPtr> unflatten_state_dict(const Dict& flat,
 Status set_element(Dict& root, const Path& path, Value value);
 // The value at `path`, or nullptr.
 const Value* get_element(const Dict& root, const Path& path);
+
+// Paths of the nested dicts whose keys stand for ints (Dict::int_keys: PyTorch's positional
+// optimizer state {0: {...}}), `root` itself first (the empty path) when it is one; in
+// depth-first order. A checkpoint records them so the nesting comes back with int keys.
+std::vector<Path> int_key_dict_paths(const Dict& root);
+// The inverse, on a rebuilt nesting: marks the dict at each path int-keyed when all its keys
+// are ints in decimal. Paths that lead nowhere (a selection left them out) are skipped.
+void mark_int_key_dicts(Dict& root, const std::vector<Path>& paths);
 
 // Calls `fn(path, leaf)` for every non-container value, depth first, in order.
 template <class Fn>

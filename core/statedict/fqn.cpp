@@ -2,7 +2,7 @@
 
 #include <vector>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 namespace {

@@ -1,6 +1,6 @@
 #include "core/statedict/model.h"
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/dist/layout.h"
 
 namespace dsd {

@@ -71,6 +71,7 @@ class Model {
   // Entries with their FQNs computed (once per change of the registry).
   Result<const std::vector<ModelEntry>*> resolved();
   std::vector<ModelEntry>& entries() { return entries_; }
+  const std::vector<ModelEntry>& entries() const { return entries_; }
 
   // Index of the entry of a raw name, or nullopt.
   std::optional<size_t> find_raw(std::string_view raw_name) const;

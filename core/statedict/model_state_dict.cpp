@@ -4,10 +4,10 @@
 
 #include <unordered_set>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 #include "core/dist/layout.h"
-#include "core/statedict/detail.h"
+#include "core/statedict/state_dict_info.h"
 #include "core/statedict/full_sharded.h"
 #include "core/statedict/skeleton.h"
 #include "core/dist/comm.h"
@@ -19,7 +19,7 @@
 namespace dsd {
 namespace detail {
 
-Result<DictPtr> build_model_state_dict(Model& model, const Info& info) {
+Result<DictPtr> build_model_state_dict(Model& model, const StateDictInfo& info) {
   const std::vector<ModelEntry>& entries = *TRY(model.resolved());
   auto sd = Dict::make();
   sd->reserve(entries.size());
@@ -76,7 +76,7 @@ struct LoadPlan {
 // Everything a load checks before writing: missing and unexpected keys, kinds, shapes,
 // dtypes, read-only destinations. Local to this rank; the caller agrees on it collectively.
 Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries, const Dict& sd,
-                                 const Info& info, std::optional<c10::Device> assign_device) {
+                                 const StateDictInfo& info, std::optional<c10::Device> assign_device) {
   const StateDictOptions& o = info.options;
   LoadPlan plan;
   IncompatibleKeys& result = plan.keys;
@@ -185,7 +185,7 @@ Result<LoadPlan> plan_model_load(Model& model, std::vector<ModelEntry>& entries,
 
 // PyTorch's device choice for full and broadcast loads: the one real device of the model's
 // tensors (meta ones do not count), else the communicator's.
-Result<std::optional<c10::Device>> load_device(const std::vector<ModelEntry>& entries, const Info& info) {
+Result<std::optional<c10::Device>> load_device(const std::vector<ModelEntry>& entries, const StateDictInfo& info) {
   std::optional<c10::Device> device;
   for (const ModelEntry& e : entries) {
     if (e.kind == EntryKind::kExtraState || e.tensor.tensor.dim() == 0 || e.tensor.tensor.is_meta()) continue;
@@ -196,23 +196,16 @@ Result<std::optional<c10::Device>> load_device(const std::vector<ModelEntry>& en
   return device;
 }
 
-Result<IncompatibleKeys> load_model_state_dict(Model& model, const Dict& sd, const Info& info) {
+Result<IncompatibleKeys> load_model_state_dict(Model& model, const Dict& sd, const StateDictInfo& info) {
   const StateDictOptions& o = info.options;
   if (!info.handle_model || (sd.empty() && !o.broadcast_from_rank0)) return IncompatibleKeys{};
   std::vector<ModelEntry>& entries = model.entries();
   const bool broadcast = o.broadcast_from_rank0 && info.comm != nullptr;
 
   // Under broadcast_from_rank0 every rank plans against rank 0's skeleton.
-  std::vector<at::Tensor> rank0_tensors;
-  std::vector<at::Tensor> placeholders;
-  DictPtr skeleton;
-  if (broadcast) {
-    Result<std::string> encoded = info.rank == 0 ? encode_skeleton(sd, &rank0_tensors) : std::string();
-    TRY(agree_status(info, encoded.ok() ? ok() : Status(encoded.error())));
-    std::string bytes = TRY(broadcast_bytes(*info.comm, encoded.value(), 0));
-    skeleton = TRY(decode_skeleton(bytes, &placeholders));
-  }
-  const Dict& effective = broadcast ? *skeleton : sd;
+  RankZeroSkeleton skeleton;
+  if (broadcast) skeleton = TRY(broadcast_skeleton(*info.comm, sd));
+  const Dict& effective = broadcast ? *skeleton.root : sd;
 
   Result<LoadPlan> planned = [&]() -> Result<LoadPlan> {
     TRY(model.resolved());
@@ -224,7 +217,7 @@ Result<IncompatibleKeys> load_model_state_dict(Model& model, const Dict& sd, con
   LoadPlan& plan = planned.value();
 
   if (broadcast) {
-    TRY(broadcast_copies(*info.comm, rank0_tensors, placeholders, plan.copies, o.bucket_bytes));
+    TRY(broadcast_copies(*info.comm, skeleton.rank0_tensors, skeleton.placeholders, plan.copies, o.bucket_bytes));
   } else {
     TRY(run_copies(plan.copies));
   }
@@ -234,20 +227,5 @@ Result<IncompatibleKeys> load_model_state_dict(Model& model, const Dict& sd, con
 }
 
 }  // namespace detail
-
-Result<DictPtr> get_model_state_dict(Model& model, const StateDictOptions& options,
-                                     std::span<const std::string> submodules) {
-  detail::Info info = TRY(detail::verify_options(model, 0, false, submodules, options));
-  DictPtr sd = TRY(detail::build_model_state_dict(model, info));
-  TRY(detail::verify_state_dict(sd.get(), nullptr, info));
-  return sd;
-}
-
-Result<IncompatibleKeys> set_model_state_dict(Model& model, const Dict& state_dict,
-                                              const StateDictOptions& options) {
-  detail::Info info = TRY(detail::verify_options(model, 0, false, {}, options));
-  TRY(detail::verify_state_dict(&state_dict, nullptr, info));
-  return detail::load_model_state_dict(model, state_dict, info);
-}
 
 }  // namespace dsd

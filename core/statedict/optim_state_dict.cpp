@@ -1,6 +1,6 @@
-// get/set_optimizer_state_dict (PyTorch's _get_optim_state_dict, _flatten_optim_state_dict,
-// _unflatten_optim_state_dict, _split_optim_state_dict, _load_optim_state_dict), and the
-// positional <-> FQN remapping.
+// The halves of get/set_optimizer_state_dict (PyTorch's _get_optim_state_dict,
+// _unflatten_optim_state_dict, _split_optim_state_dict, _load_optim_state_dict).
+// optim_state_dict_form.cpp holds the flattening and the positional <-> FQN remapping.
 //
 // Where PyTorch has known bugs, dsd does better (and tests it):
 // - #192202: saved state of frozen parameters is loaded, not dropped;
@@ -18,11 +18,13 @@
 #include <map>
 #include <unordered_map>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
+#include "core/base/strings.h"
 #include "core/base/torch_call.h"
 #include "core/dist/layout.h"
-#include "core/statedict/detail.h"
+#include "core/statedict/state_dict_info.h"
 #include "core/statedict/full_sharded.h"
+#include "core/statedict/optim_state_dict_form.h"
 #include "core/statedict/skeleton.h"
 #include "core/dist/comm.h"
 
@@ -32,11 +34,8 @@
 namespace dsd {
 namespace {
 
-constexpr std::string_view kState = "state";
-constexpr std::string_view kParamGroups = "param_groups";
-constexpr std::string_view kParams = "params";
+using namespace optim_form;  // NOLINT: the form of an optimizer state dict
 
-std::string shape_str(const at::Tensor& t) { return fmt::format("[{}]", fmt::join(t.sizes(), ", ")); }
 
 // pid -> index into model.parameters(), for every parameter of an optimizer.
 Result<std::vector<size_t>> model_params_of(Model& model, const Optimizer& optim) {
@@ -49,7 +48,7 @@ Result<std::vector<size_t>> model_params_of(Model& model, const Optimizer& optim
       return make_error(Code::kNotFound,
                         "optimizer parameter {} (shape {}, {}) is not a parameter of the model; "
                         "register every parameter the optimizer updates with the model",
-                        pid, shape_str(t), c10::toString(t.scalar_type()));
+                        pid, shape_str(t.sizes()), c10::toString(t.scalar_type()));
     }
     out[pid] = *idx;
   }
@@ -69,14 +68,6 @@ Status materialize(Model& model, Optimizer& optim, const std::vector<size_t>& mp
     return make_error(Code::kCallback, "the optimizer's materialize callback failed: {}", s.error().message);
   }
   return ok();
-}
-
-DictPtr shallow_copy(const Dict& d) {
-  auto out = Dict::make();
-  out->reserve(d.size());
-  out->set_int_keys(d.int_keys());
-  for (const auto& e : d) out->append_unique(e.key, e.value);
-  return out;
 }
 
 // One optimizer's state dict in FQN form.
@@ -103,53 +94,12 @@ Result<DictPtr> fqn_form(Model& model, Optimizer& optim, const std::vector<size_
   return osd;
 }
 
-Status flatten_nested(const Dict& d, const std::string& prefix, Dict& out) {
-  for (const auto& e : d) {
-    const std::string key = prefix + "." + e.key;
-    if (const Dict* nested = e.value.if_dict()) {
-      TRY(flatten_nested(*nested, key, out));
-      continue;
-    }
-    const Kind k = e.value.kind();
-    if (k != Kind::kTensor && k != Kind::kInt && k != Kind::kDouble && k != Kind::kBool) {
-      return make_error_at(Code::kUnsupported, key,
-                           "Flattening optimizer state_dict only supports tensor, int, float, dict "
-                           "states now. Type is {}.",
-                           detail::python_type_name(e.value));
-    }
-    out.set(key, e.value);
-  }
-  return ok();
-}
-
 // What a load assigns, aligned with the current optimizer: per pid the state to load (null:
 // none), per group the hyperparameters to load (null: keep the current ones).
 struct Loaded {
   std::vector<DictPtr> state;
   std::vector<DictPtr> groups;
 };
-
-const Dict* get_dict(const Dict& d, std::string_view key) {
-  const Value* v = d.find(key);
-  return v != nullptr ? v->if_dict() : nullptr;
-}
-
-Result<const List*> param_groups_of(const Dict& osd) {
-  const Value* v = osd.find(kParamGroups);
-  const List* l = v != nullptr ? v->if_list() : nullptr;
-  if (l == nullptr) {
-    return Error(Code::kInvalidArgument, "the optimizer state dict has no 'param_groups' list");
-  }
-  for (const Value& g : l->items()) {
-    const Dict* gd = g.if_dict();
-    if (gd == nullptr) return Error(Code::kInvalidArgument, "an entry of 'param_groups' is not a dict");
-    const Value* p = gd->find(kParams);
-    if (p == nullptr || p->if_list() == nullptr) {
-      return Error(Code::kInvalidArgument, "a param group of the state dict has no 'params' list");
-    }
-  }
-  return l;
-}
 
 DictPtr group_options(const Dict& group) {
   auto out = Dict::make();
@@ -461,7 +411,7 @@ Status plan_dict_load(Dict& target, const Dict& loaded, const std::string& what,
 }
 
 Result<OptimLoadPlan> plan_optim_load(Model& model, const Optimizer& optim, const std::vector<size_t>& mp,
-                                      const Dict& osd, const detail::Info& info, bool placeholders) {
+                                      const Dict& osd, const detail::StateDictInfo& info, bool placeholders) {
   const auto& params = *TRY(model.parameters());
   OptimLoadPlan plan;
   plan.loaded = Loaded{std::vector<DictPtr>(optim.num_params()), std::vector<DictPtr>(optim.groups().size())};
@@ -530,7 +480,7 @@ Status apply_optim_load(Optimizer& optim, OptimLoadPlan& plan) {
 
 namespace detail {
 
-Result<DictPtr> build_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const Info& info) {
+Result<DictPtr> build_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const StateDictInfo& info) {
   if (!info.handle_optim) return Dict::make();
   auto state = Dict::make();
   auto groups = List::make();
@@ -550,21 +500,14 @@ Result<DictPtr> build_optim_state_dict(Model& model, std::span<Optimizer* const>
 }
 
 Status load_optim_state_dict(Model& model, std::span<Optimizer* const> optimizers, const Dict& osd,
-                             const Info& info) {
+                             const StateDictInfo& info) {
   if (!info.handle_optim) return ok();
   const bool broadcast = info.options.broadcast_from_rank0 && info.comm != nullptr;
   // Under broadcast_from_rank0 every rank plans against rank 0's skeleton, whose tensors are
   // placeholders filled by the stream.
-  std::vector<at::Tensor> rank0_tensors;
-  std::vector<at::Tensor> placeholders;
-  DictPtr skeleton;
-  if (broadcast) {
-    Result<std::string> encoded = info.rank == 0 ? encode_skeleton(osd, &rank0_tensors) : std::string();
-    TRY(agree_status(info, encoded.ok() ? ok() : Status(encoded.error())));
-    std::string bytes = TRY(broadcast_bytes(*info.comm, encoded.value(), 0));
-    skeleton = TRY(decode_skeleton(bytes, &placeholders));
-  }
-  const Dict& effective = broadcast ? *skeleton : osd;
+  RankZeroSkeleton skeleton;
+  if (broadcast) skeleton = TRY(broadcast_skeleton(*info.comm, osd));
+  const Dict& effective = broadcast ? *skeleton.root : osd;
   // Plan every optimizer, agree, then copy: one stream serves them all.
   std::vector<OptimLoadPlan> plans;
   Status planned = [&]() -> Status {
@@ -582,7 +525,8 @@ Status load_optim_state_dict(Model& model, std::span<Optimizer* const> optimizer
     for (CopyJob& j : p.copies) copies.push_back(std::move(j));
   }
   if (broadcast) {
-    TRY(broadcast_copies(*info.comm, rank0_tensors, placeholders, copies, info.options.bucket_bytes));
+    TRY(broadcast_copies(*info.comm, skeleton.rank0_tensors, skeleton.placeholders, copies,
+                         info.options.bucket_bytes));
   } else {
     TRY(run_copies(copies));
   }
@@ -591,144 +535,5 @@ Status load_optim_state_dict(Model& model, std::span<Optimizer* const> optimizer
 }
 
 }  // namespace detail
-
-Result<DictPtr> flatten_optim_state_dict(const Dict& osd) {
-  auto out = Dict::make();
-  const Dict* state = get_dict(osd, kState);
-  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
-  const List* groups = TRY(param_groups_of(osd));
-  for (const auto& e : *state) {
-    const Dict* st = e.value.if_dict();
-    if (st == nullptr) {
-      return make_error_at(Code::kInvalidArgument, e.key, "optimizer state of '{}' is not a dict", e.key);
-    }
-    TRY(flatten_nested(*st, fmt::format("{}.{}", kState, e.key), *out));
-  }
-  for (const Value& g : groups->items()) {
-    const Dict& group = *g.if_dict();
-    for (const Value& p : group.find(kParams)->if_list()->items()) {
-      const std::string* fqn = p.if_string();
-      if (fqn == nullptr) {
-        return Error(Code::kInvalidArgument, "flattening needs FQNs in 'params', not parameter ids");
-      }
-      for (const auto& e : group) {
-        if (e.key != kParams) out->set(fmt::format("{}.{}.{}", kParamGroups, *fqn, e.key), e.value);
-      }
-    }
-  }
-  return out;
-}
-
-Result<DictPtr> get_optimizer_state_dict(Model& model, std::span<Optimizer* const> optimizers,
-                                         const StateDictOptions& options,
-                                         std::span<const std::string> submodules) {
-  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), true, submodules, options));
-  DictPtr osd = TRY(detail::build_optim_state_dict(model, optimizers, info));
-  TRY(detail::verify_state_dict(nullptr, osd.get(), info));
-  return osd;
-}
-
-Status set_optimizer_state_dict(Model& model, std::span<Optimizer* const> optimizers,
-                                const Dict& optim_state_dict, const StateDictOptions& options) {
-  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), true, {}, options));
-  TRY(detail::verify_state_dict(nullptr, &optim_state_dict, info));
-  return detail::load_optim_state_dict(model, optimizers, optim_state_dict, info);
-}
-
-Result<ModelAndOptimStateDict> get_state_dict(Model& model, std::span<Optimizer* const> optimizers,
-                                              const StateDictOptions& options,
-                                              std::span<const std::string> submodules) {
-  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), false, submodules, options));
-  ModelAndOptimStateDict out;
-  out.model = TRY(detail::build_model_state_dict(model, info));
-  out.optim = TRY(detail::build_optim_state_dict(model, optimizers, info));
-  TRY(detail::verify_state_dict(out.model.get(), out.optim.get(), info));
-  return out;
-}
-
-Result<IncompatibleKeys> set_state_dict(Model& model, std::span<Optimizer* const> optimizers,
-                                        const Dict& model_state_dict, const Dict& optim_state_dict,
-                                        const StateDictOptions& options) {
-  // An empty model state dict means "optimizer only". Under broadcast_from_rank0 the other
-  // ranks pass empty dicts whatever rank 0 does, so rank 0 decides for all (PyTorch decides
-  // per rank, and its ranks then disagree on whether to enter the model's broadcast).
-  bool optim_only = model_state_dict.empty();
-  if (options.broadcast_from_rank0 && model.comm() != nullptr && model.comm()->size() > 1) {
-    std::string flag = TRY(broadcast_bytes(*model.comm(), optim_only ? "1" : "0", 0));
-    optim_only = flag == "1";
-  }
-  detail::Info info = TRY(detail::verify_options(model, optimizers.size(), optim_only, {}, options));
-  TRY(detail::verify_state_dict(&model_state_dict, &optim_state_dict, info));
-  TRY(detail::load_optim_state_dict(model, optimizers, optim_state_dict, info));
-  return detail::load_model_state_dict(model, model_state_dict, info);
-}
-
-Result<DictPtr> optim_state_dict_to_fqn(const Dict& positional, std::span<const std::string> names) {
-  const Dict* state = get_dict(positional, kState);
-  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
-  const List* groups = TRY(param_groups_of(positional));
-  auto name_of = [&](const std::string& id) -> Result<std::string> {
-    if (!is_int_key(id)) return make_error_at(Code::kInvalidArgument, id, "'{}' is not a parameter id", id);
-    const long long pid = std::stoll(id);
-    if (pid < 0 || static_cast<size_t>(pid) >= names.size()) {
-      return make_error_at(Code::kNotFound, id, "parameter id {} has no name ({} names given)", pid, names.size());
-    }
-    return names[static_cast<size_t>(pid)];
-  };
-  auto out_state = Dict::make();
-  for (const auto& e : *state) out_state->set(TRY(name_of(e.key)), e.value);
-  auto out_groups = List::make();
-  for (const Value& g : groups->items()) {
-    DictPtr group = shallow_copy(*g.if_dict());
-    auto fqns = List::make();
-    for (const Value& p : group->find(kParams)->if_list()->items()) {
-      const int64_t* id = p.if_int();
-      if (id == nullptr) return Error(Code::kInvalidArgument, "'params' of a positional state dict holds a non-integer");
-      fqns->push_back(Value(TRY(name_of(std::to_string(*id)))));
-    }
-    group->set(std::string(kParams), fqns);
-    out_groups->push_back(group);
-  }
-  auto out = Dict::make();
-  out->append_unique(std::string(kState), out_state);
-  out->append_unique(std::string(kParamGroups), out_groups);
-  return out;
-}
-
-Result<DictPtr> optim_state_dict_to_positional(const Dict& fqn_form, std::span<const std::string> names) {
-  const Dict* state = get_dict(fqn_form, kState);
-  if (state == nullptr) return Error(Code::kInvalidArgument, "the optimizer state dict has no 'state' dict");
-  const List* groups = TRY(param_groups_of(fqn_form));
-  std::unordered_map<std::string_view, int64_t> pid_of;
-  for (size_t i = 0; i < names.size(); ++i) {
-    if (!pid_of.emplace(names[i], static_cast<int64_t>(i)).second) {
-      return make_error_at(Code::kInvalidArgument, names[i], "name '{}' is given twice", names[i]);
-    }
-  }
-  auto lookup = [&](const std::string& fqn) -> Result<int64_t> {
-    auto it = pid_of.find(fqn);
-    if (it == pid_of.end()) return make_error_at(Code::kNotFound, fqn, "'{}' is not among the parameter names", fqn);
-    return it->second;
-  };
-  auto out_state = Dict::make();
-  out_state->set_int_keys(true);
-  for (const auto& e : *state) out_state->set(std::to_string(TRY(lookup(e.key))), e.value);
-  auto out_groups = List::make();
-  for (const Value& g : groups->items()) {
-    DictPtr group = shallow_copy(*g.if_dict());
-    auto ids = List::make();
-    for (const Value& p : group->find(kParams)->if_list()->items()) {
-      const std::string* fqn = p.if_string();
-      if (fqn == nullptr) return Error(Code::kInvalidArgument, "'params' of an FQN-form state dict holds a non-string");
-      ids->push_back(Value(TRY(lookup(*fqn))));
-    }
-    group->set(std::string(kParams), ids);
-    out_groups->push_back(group);
-  }
-  auto out = Dict::make();
-  out->append_unique(std::string(kState), out_state);
-  out->append_unique(std::string(kParamGroups), out_groups);
-  return out;
-}
 
 }  // namespace dsd

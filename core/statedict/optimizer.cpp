@@ -1,6 +1,6 @@
 #include "core/statedict/optimizer.h"
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 

@@ -3,7 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <nlohmann/json.hpp>
 
-#include "core/base/format.h"
+#include "core/base/json_limits.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 #include "core/tensor/dtype_torch.h"
 
@@ -61,8 +62,12 @@ Error corrupt(std::string_view what) {
   return make_error(Code::kCorrupt, "malformed state-dict skeleton: {}", what);
 }
 
+constexpr int kMaxSkeletonDepth = 64;
+// Each container is 2 msgpack levels (["l", [..]], ["d", b, [..]]), a tensor 2 (["T", c, [..]]).
+constexpr int kMaxSkeletonMsgpackDepth = 2 * kMaxSkeletonDepth + 4;
+
 Result<Value> decode(const json& j, std::vector<at::Tensor>* placeholders, int depth) {
-  if (depth > 64) return corrupt("nested too deeply");
+  if (depth > kMaxSkeletonDepth) return corrupt("nested too deeply");
   if (j.is_null()) return Value();
   if (j.is_boolean()) return Value(j.get<bool>());
   if (j.is_number_integer()) return Value(j.get<int64_t>());
@@ -101,6 +106,7 @@ Result<Value> decode(const json& j, std::vector<at::Tensor>* placeholders, int d
     d->set_int_keys(j[1].get<bool>());
     for (size_t i = 0; i < j[2].size(); i += 2) {
       if (!j[2][i].is_string()) return corrupt("a dict key is not a string");
+      if (d->contains(j[2][i].get_ref<const std::string&>())) return corrupt("a dict repeats a key");
       d->set(j[2][i].get<std::string>(), TRY(decode(j[2][i + 1], placeholders, depth + 1)));
     }
     return Value(d);
@@ -117,9 +123,22 @@ Result<std::string> encode_skeleton(const Dict& root, std::vector<at::Tensor>* t
   return std::string(bytes.begin(), bytes.end());
 }
 
+Result<RankZeroSkeleton> broadcast_skeleton(Communicator& comm, const Dict& root) {
+  RankZeroSkeleton out;
+  Result<std::string> encoded = comm.rank() == 0 ? encode_skeleton(root, &out.rank0_tensors) : std::string();
+  TRY(agree(comm, encoded.ok() ? ok() : Status(encoded.error())));
+  const std::string bytes = TRY(broadcast_bytes(comm, encoded.value(), 0));
+  out.root = TRY(decode_skeleton(bytes, &out.placeholders));
+  return out;
+}
+
 Result<DictPtr> decode_skeleton(std::string_view bytes, std::vector<at::Tensor>* placeholders) {
-  json j = json::from_msgpack(bytes.begin(), bytes.end(), /*strict=*/true, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return corrupt("not msgpack");
+  // Checked before the tree exists: nlohmann's msgpack reader recurses once per level.
+  auto parsed = parse_msgpack_strict(
+      std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()), "the state-dict skeleton",
+      kMaxSkeletonMsgpackDepth);
+  if (!parsed.ok()) return corrupt(parsed.error().message);
+  const json j = std::move(*parsed);
   Value v = TRY(decode(j, placeholders, 0));
   if (!v.is_dict()) return corrupt("the root is not a dict");
   return v.dict_ptr();

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/base/result.h"
+#include "core/dist/comm.h"
 #include "core/statedict/value.h"
 
 namespace dsd {
@@ -22,5 +23,16 @@ Result<std::string> encode_skeleton(const Dict& root, std::vector<at::Tensor>* t
 // dtypes and shapes (no memory), appended in order to `placeholders` (may be null). Hostile
 // bytes give kCorrupt.
 Result<DictPtr> decode_skeleton(std::string_view bytes, std::vector<at::Tensor>* placeholders);
+
+// Rank 0's state dict as every rank plans against it under broadcast_from_rank0: the
+// skeleton, whose placeholders the tensor stream then fills from rank 0's tensors.
+struct RankZeroSkeleton {
+  DictPtr root;                          // the decoded skeleton (every rank)
+  std::vector<at::Tensor> rank0_tensors;  // rank 0: the tensors of its `root`, in order
+  std::vector<at::Tensor> placeholders;   // the skeleton's placeholders, in the same order
+};
+// Collective over `comm`: rank 0 encodes `root` (other ranks' `root` is not read) and
+// broadcasts it; an encoding error on rank 0 fails every rank.
+Result<RankZeroSkeleton> broadcast_skeleton(Communicator& comm, const Dict& root);
 
 }  // namespace dsd

@@ -6,7 +6,7 @@
 #include <memory>
 #include <vector>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/torch_call.h"
 #include "core/tensor/dtype_torch.h"
 

@@ -1,6 +1,6 @@
 #include "core/tensor/dtype_torch.h"
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 
 namespace dsd {
 

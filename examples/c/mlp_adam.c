@@ -29,7 +29,7 @@ static dsd_error** err_slot;
 enum { NPARAM = 4 };
 static const char* kNames[NPARAM] = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"};
 static const int64_t kShapes[NPARAM][2] = {{8, 4}, {8, 1}, {2, 8}, {2, 1}};
-static const int32_t kNdim[NPARAM] = {2, 1, 2, 1};
+static const size_t kNdim[NPARAM] = {2, 1, 2, 1};
 
 typedef struct {
   float* w[NPARAM];       /* parameters */
@@ -48,17 +48,17 @@ static int64_t numel(int i) { return kShapes[i][0] * kShapes[i][1]; }
 static dsd_tensor wrap(float* data, int i, int scalar) {
   dsd_tensor t;
   const int64_t* shape = kShapes[i];
-  CHECK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, scalar ? 0 : kNdim[i], shape, NULL,
+  CHECK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, scalar ? 0 : kNdim[i], NULL,
                              (dsd_device){DSD_DEVICE_CPU, 0}, false, NULL, NULL, &t, ERR));
   return t;
 }
 
 /* dsd calls this before a get or set when parameters lack optimizer state. */
 static dsd_status materialize(void* user_data, dsd_optim* optim, const dsd_tensor* params,
-                              const size_t* pids, size_t n) {
+                              const size_t* pids, size_t count) {
   (void)pids; /* our parameters are told apart by their memory */
   Trainer* tr = user_data;
-  for (size_t k = 0; k < n; ++k) {
+  for (size_t k = 0; k < count; ++k) {
     dsd_tensor_info info;
     if (dsd_tensor_info_get(params[k], &info, NULL) != DSD_OK) return DSD_E_CALLBACK;
     for (int i = 0; i < NPARAM; ++i) {
@@ -73,7 +73,7 @@ static dsd_status materialize(void* user_data, dsd_optim* optim, const dsd_tenso
       CHECK(dsd_state_dict_set_tensor(st, "exp_avg", m, ERR));
       CHECK(dsd_state_dict_set_tensor(st, "exp_avg_sq", v, ERR));
       CHECK(dsd_optim_set_param_state(optim, tr->handle[i], st, ERR));
-      dsd_state_dict_free(st);
+      dsd_state_dict_release(st);
       dsd_tensor_release(step, NULL);
       dsd_tensor_release(m, NULL);
       dsd_tensor_release(v, NULL);
@@ -103,7 +103,7 @@ static void trainer_init(Trainer* tr, unsigned seed) {
   CHECK(dsd_state_dict_set_child(tr->hyper, "betas", betas, ERR));
   CHECK(dsd_state_dict_set_double(tr->hyper, "eps", tr->eps, ERR));
   CHECK(dsd_state_dict_set_double(tr->hyper, "weight_decay", 0.0, ERR));
-  dsd_state_dict_free(betas);
+  dsd_state_dict_release(betas);
   CHECK(dsd_optim_add_param_group(tr->optim, tr->hyper, tr->handle, NPARAM, ERR));
   CHECK(dsd_optim_set_materialize(tr->optim, materialize, tr, ERR));
 }
@@ -136,7 +136,7 @@ static void sync_hyper(Trainer* tr) {
 static void trainer_free(Trainer* tr) {
   dsd_model_free(tr->model);
   dsd_optim_free(tr->optim);
-  dsd_state_dict_free(tr->hyper);
+  dsd_state_dict_release(tr->hyper);
   for (int i = 0; i < NPARAM; ++i) {
     dsd_tensor_release(tr->handle[i], NULL);
     free(tr->w[i]);
@@ -156,13 +156,13 @@ int main(void) {
   dsd_state_dict *lazy_m, *lazy_o;
   CHECK(dsd_get_state_dict(b.model, &b.optim, 1, NULL, &lazy_m, &lazy_o, ERR));
   printf("fresh optimizer: step counters %g %g %g %g (no dummy step)\n", b.step[0], b.step[1], b.step[2], b.step[3]);
-  dsd_state_dict_free(lazy_m);
-  dsd_state_dict_free(lazy_o);
+  dsd_state_dict_release(lazy_m);
+  dsd_state_dict_release(lazy_o);
 
   for (int s = 0; s < 5; ++s) train_step(&a, 0.25f);
 
-  dsd_options opts;
-  dsd_options_init(&opts);
+  dsd_state_dict_options opts;
+  dsd_state_dict_options_init(&opts);
   opts.flatten_optimizer_state_dict = true;
   dsd_state_dict *msd, *osd;
   CHECK(dsd_get_state_dict(a.model, &a.optim, 1, &opts, &msd, &osd, ERR));
@@ -179,10 +179,11 @@ int main(void) {
   dsd_incompatible_keys* keys;
   CHECK(dsd_set_state_dict(b.model, &b.optim, 1, msd, osd, NULL, &keys, ERR));
   size_t missing, unexpected;
-  CHECK(dsd_incompatible_keys_count(keys, &missing, &unexpected, ERR));
+  CHECK(dsd_incompatible_keys_count(keys, DSD_KEYS_MISSING, &missing, ERR));
+  CHECK(dsd_incompatible_keys_count(keys, DSD_KEYS_UNEXPECTED, &unexpected, ERR));
   dsd_incompatible_keys_free(keys);
-  dsd_state_dict_free(msd);
-  dsd_state_dict_free(osd);
+  dsd_state_dict_release(msd);
+  dsd_state_dict_release(osd);
   sync_hyper(&b);
   printf("loaded into trainer b: %zu missing, %zu unexpected keys; lr %g, step %g\n", missing, unexpected,
          b.lr, b.step[0]);

@@ -32,8 +32,8 @@ int main(void) {
   const dsd_device cpu = {DSD_DEVICE_CPU, 0};
 
   dsd_tensor w, b;
-  TRY(dsd_tensor_from_blob(weight, DSD_DTYPE_F32, 2, wshape, NULL, cpu, false, on_release, &released, &w, ERR));
-  TRY(dsd_tensor_from_blob(bias, DSD_DTYPE_F32, 1, bshape, NULL, cpu, false, on_release, &released, &b, ERR));
+  TRY(dsd_tensor_from_blob(weight, DSD_DTYPE_F32, wshape, 2, NULL, cpu, false, on_release, &released, &w, ERR));
+  TRY(dsd_tensor_from_blob(bias, DSD_DTYPE_F32, bshape, 1, NULL, cpu, false, on_release, &released, &b, ERR));
 
   dsd_state_dict* sd;
   TRY(dsd_state_dict_new(&sd, ERR));
@@ -48,7 +48,7 @@ int main(void) {
   TRY(dsd_state_dict_set_double(meta, "lr", 3e-4, ERR));
   TRY(dsd_state_dict_set_string(meta, "run", "example", 7, ERR));
   TRY(dsd_state_dict_set_child(sd, "meta", meta, ERR));
-  dsd_state_dict_free(meta);
+  dsd_state_dict_release(meta);
 
   /* Read it back: keys in order, tensors by handle, pointing at our buffers. */
   size_t n;
@@ -67,7 +67,7 @@ int main(void) {
       TRY(dsd_tensor_info_get(t, &info, ERR));
       TRY(dsd_tensor_shape(t, shape, 4, ERR));
       printf("  %-14s %s [", key, dsd_dtype_name(info.dtype));
-      for (int32_t d = 0; d < info.ndim; ++d) printf("%s%lld", d ? ", " : "", (long long)shape[d]);
+      for (size_t d = 0; d < info.ndim; ++d) printf("%s%lld", d ? ", " : "", (long long)shape[d]);
       printf("] at %p (%s)\n", info.data,
              info.data == (void*)weight || info.data == (void*)bias ? "our buffer" : "a copy!");
       if (info.data != (void*)weight && info.data != (void*)bias) return 1;
@@ -81,7 +81,7 @@ int main(void) {
       TRY(dsd_state_dict_get_int(child, at, &step, ERR));
       printf("  %-14s dict, step = %lld\n", key, (long long)step);
       if (step != 100) return 1;
-      dsd_state_dict_free(child);
+      dsd_state_dict_release(child);
     }
   }
 
@@ -96,10 +96,10 @@ int main(void) {
     printf(" %s", key);
   }
   printf("\n");
-  dsd_state_dict_free(flat);
-  dsd_state_dict_free(mapping);
+  dsd_state_dict_release(flat);
+  dsd_state_dict_release(mapping);
 
-  dsd_state_dict_free(sd);
+  dsd_state_dict_release(sd);
   printf("buffers released by dsd: %d of 2\n", released);
   return released == 2 ? 0 : 1;
 }

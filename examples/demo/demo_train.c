@@ -8,7 +8,9 @@
  * (dp, tp) with HSDP/TP-style placements (column-parallel weights [Shard(0), Shard(0)],
  * row-parallel ones [Shard(0), Shard(1)], the vocabulary split over tp, norms replicated).
  * Every few steps the sharded model and optimizer state dicts are saved asynchronously through
- * a checkpoint manager; training only waits for the copy. The final full state dict is
+ * a checkpoint manager over the trainer's communicator, whose own asynchronous checkpointer
+ * stages the state in reused host buffers and writes on a background thread; training only
+ * waits for the copy. The final full state dict is
  * gathered to rank 0 and kept as a reference.
  *
  * `resume` starts at another world size with another layout (a 1-d mesh, Shard(1)
@@ -141,9 +143,9 @@ typedef struct {
 static float initial_value(int k, int64_t gi) { return 0.1f * (float)cos(0.37 * (double)gi + k); }
 static float target_value(int k, int64_t gi) { return (float)sin(0.001 * (double)gi + 0.5 * k); }
 
-static dsd_tensor wrap(float* data, const int64_t* shape, int ndim) {
+static dsd_tensor wrap(float* data, const int64_t* shape, size_t ndim) {
   dsd_tensor t;
-  CHECK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, ndim, shape, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
+  CHECK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, ndim, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
                              false, NULL, NULL, &t, ERR));
   return t;
 }
@@ -168,7 +170,7 @@ static void trainer_init(Trainer* tr, int init_weights) {
   g_rank = r, g_world = n;
   const int mesh_ndim = g_world == 4 ? 2 : 1;
   const int64_t mesh2[2] = {2, 2}, mesh1[1] = {g_world};
-  CHECK(dsd_mesh_new(tr->comm, mesh_ndim == 2 ? mesh2 : mesh1, (size_t)mesh_ndim, NULL, DSD_DEVICE_CPU,
+  CHECK(dsd_mesh_new(tr->comm, mesh_ndim == 2 ? mesh2 : mesh1, (size_t)mesh_ndim, NULL, 0, DSD_DEVICE_CPU,
                      &tr->mesh, ERR));
   CHECK(dsd_model_new(tr->comm, "Transformer", &tr->model, ERR));
   CHECK(dsd_optim_new(&tr->optim, ERR));
@@ -197,9 +199,9 @@ static void trainer_init(Trainer* tr, int init_weights) {
         for (int64_t j = 0; j < p->sizes[1]; ++j)
           p->w[i * p->sizes[1] + j] = initial_value(k, (p->offsets[0] + i) * cols + p->offsets[1] + j);
     }
-    p->hw = dist(wrap(p->w, p->sizes, s->ndim), p->layout);
-    p->hm = dist(wrap(p->m, p->sizes, s->ndim), p->layout);
-    p->hv = dist(wrap(p->v, p->sizes, s->ndim), p->layout);
+    p->hw = dist(wrap(p->w, p->sizes, (size_t)s->ndim), p->layout);
+    p->hm = dist(wrap(p->m, p->sizes, (size_t)s->ndim), p->layout);
+    p->hv = dist(wrap(p->v, p->sizes, (size_t)s->ndim), p->layout);
     p->hstep = wrap(&p->step, p->sizes, 0);
     CHECK(dsd_model_add_parameter(tr->model, s->name, p->hw, true, ERR));
     group[ngroup++] = p->hw;
@@ -214,7 +216,7 @@ static void trainer_init(Trainer* tr, int init_weights) {
   CHECK(dsd_state_dict_set_child(tr->hyper, "betas", betas, ERR));
   CHECK(dsd_state_dict_set_double(tr->hyper, "eps", tr->eps, ERR));
   CHECK(dsd_state_dict_set_double(tr->hyper, "weight_decay", 0.0, ERR));
-  dsd_state_dict_free(betas);
+  dsd_state_dict_release(betas);
   CHECK(dsd_optim_add_param_group(tr->optim, tr->hyper, group, (size_t)ngroup, ERR));
   for (int k = 0; k < nspecs; ++k) {
     if (specs[k].tied_to >= 0) continue;
@@ -225,7 +227,7 @@ static void trainer_init(Trainer* tr, int init_weights) {
     CHECK(dsd_state_dict_set_tensor(st, "exp_avg", p->hm, ERR));
     CHECK(dsd_state_dict_set_tensor(st, "exp_avg_sq", p->hv, ERR));
     CHECK(dsd_optim_set_param_state(tr->optim, p->hw, st, ERR));
-    dsd_state_dict_free(st);
+    dsd_state_dict_release(st);
   }
 }
 
@@ -243,9 +245,9 @@ static void trainer_free(Trainer* tr) {
   }
   dsd_optim_free(tr->optim);
   dsd_model_free(tr->model);
-  dsd_state_dict_free(tr->hyper);
-  dsd_mesh_free(tr->mesh);
-  dsd_comm_free(tr->comm);
+  dsd_state_dict_release(tr->hyper);
+  dsd_mesh_release(tr->mesh);
+  dsd_comm_release(tr->comm);
   for (int k = 0; k < nspecs; ++k) {
     if (specs[k].tied_to >= 0) continue;
     free(tr->p[k].w), free(tr->p[k].m), free(tr->p[k].v);
@@ -274,7 +276,7 @@ static void train_step(Trainer* tr) {
 
 /* {"model": sharded model state dict, "optim": optimizer state dict, "meta": {"step": n}},
  * tensors aliasing the trainer's buffers. */
-static dsd_state_dict* checkpoint_state(Trainer* tr, int64_t step, const dsd_options* opts) {
+static dsd_state_dict* checkpoint_state(Trainer* tr, int64_t step, const dsd_state_dict_options* opts) {
   dsd_state_dict *msd, *osd, *meta, *all;
   CHECK(dsd_get_state_dict(tr->model, &tr->optim, 1, opts, &msd, &osd, ERR));
   CHECK(dsd_state_dict_new(&meta, ERR));
@@ -283,9 +285,9 @@ static dsd_state_dict* checkpoint_state(Trainer* tr, int64_t step, const dsd_opt
   CHECK(dsd_state_dict_set_child(all, "model", msd, ERR));
   CHECK(dsd_state_dict_set_child(all, "optim", osd, ERR));
   CHECK(dsd_state_dict_set_child(all, "meta", meta, ERR));
-  dsd_state_dict_free(msd);
-  dsd_state_dict_free(osd);
-  dsd_state_dict_free(meta);
+  dsd_state_dict_release(msd);
+  dsd_state_dict_release(osd);
+  dsd_state_dict_release(meta);
   return all;
 }
 
@@ -303,14 +305,14 @@ static int64_t get_step(dsd_state_dict* all) {
   int64_t step;
   CHECK(dsd_state_dict_find(meta, "step", &at, ERR));
   CHECK(dsd_state_dict_get_int(meta, at, &step, ERR));
-  dsd_state_dict_free(meta);
+  dsd_state_dict_release(meta);
   return step;
 }
 
 /* The full state dict ({"model", "optim"}), gathered to rank 0 on CPU; empty elsewhere. */
 static dsd_state_dict* full_state(Trainer* tr) {
-  dsd_options o;
-  dsd_options_init(&o);
+  dsd_state_dict_options o;
+  dsd_state_dict_options_init(&o);
   o.full_state_dict = true;
   o.cpu_offload = true;
   dsd_state_dict *msd, *osd, *all;
@@ -322,8 +324,8 @@ static dsd_state_dict* full_state(Trainer* tr) {
     CHECK(dsd_state_dict_set_child(all, "model", msd, ERR));
     CHECK(dsd_state_dict_set_child(all, "optim", osd, ERR));
   }
-  dsd_state_dict_free(msd);
-  dsd_state_dict_free(osd);
+  dsd_state_dict_release(msd);
+  dsd_state_dict_release(osd);
   return all;
 }
 
@@ -339,8 +341,11 @@ static int do_train(const char* dir, int steps, int every) {
   char root[512], reference[512];
   snprintf(root, sizeof root, "%s/checkpoints", dir);
   snprintf(reference, sizeof reference, "%s/reference", dir);
+  /* The manager saves and loads over the trainer's communicator (it keeps a reference), and
+   * its asynchronous saves go through its own dsd_async_checkpointer: staging buffers reused
+   * from one save to the next, a background thread on a clone of the communicator. */
   dsd_checkpoint_manager* manager;
-  CHECK(dsd_checkpoint_manager_new(root, 2, &manager, ERR));
+  CHECK(dsd_checkpoint_manager_new(tr.comm, root, 2, &manager, ERR));
   if (g_rank == 0) {
     printf("training on %d ranks, mesh 2 x 2 (dp, tp): HSDP/TP-style shards, %d parameters\n", g_world, nspecs);
   }
@@ -360,10 +365,10 @@ static int do_train(const char* dir, int steps, int every) {
     }
     dsd_state_dict* all = checkpoint_state(&tr, step, NULL);
     const double t = now();
-    CHECK(dsd_checkpoint_manager_save_async(manager, tr.comm, all, step, NULL, &inflight, ERR));
+    CHECK(dsd_checkpoint_manager_save_async(manager, all, step, NULL, &inflight, ERR));
     const double staged = now() - t; /* training waits only for the copy into staging buffers */
     blocked += staged;
-    dsd_state_dict_free(all);
+    dsd_state_dict_release(all);
     if (g_rank == 0) {
       printf("step %3d: async save started: training blocked %.1f ms for the copy (the previous save "
              "needed %.1f ms more)\n", step, 1e3 * staged, 1e3 * waited);
@@ -377,12 +382,12 @@ static int do_train(const char* dir, int steps, int every) {
   CHECK(dsd_checkpoint_manager_latest_step(manager, &found, &latest, ERR));
   dsd_state_dict* full = full_state(&tr);
   if (g_rank == 0) {
-    CHECK(dsd_save(NULL, full, reference, NULL, ERR)); /* a single-process save of the full dict */
+    CHECK(dsd_checkpoint_save(NULL, full, reference, NULL, ERR)); /* a single-process save of the full dict */
     printf("trained %d steps in %.2f s (%.1f ms blocked by saves); latest checkpoint: step %lld\n", steps, total,
            1e3 * blocked, (long long)latest);
     printf("rank 0 gathered the full state dict (reference) into %s\n", reference);
   }
-  dsd_state_dict_free(full);
+  dsd_state_dict_release(full);
   dsd_checkpoint_manager_free(manager);
   trainer_free(&tr);
   return 0;
@@ -395,14 +400,14 @@ static int do_resume(const char* dir, int more_steps) {
   snprintf(root, sizeof root, "%s/checkpoints", dir);
   snprintf(reference, sizeof reference, "%s/reference", dir);
   dsd_checkpoint_manager* manager;
-  CHECK(dsd_checkpoint_manager_new(root, 2, &manager, ERR));
+  CHECK(dsd_checkpoint_manager_new(tr.comm, root, 2, &manager, ERR));
   if (g_rank == 0) printf("resuming on %d ranks, a 1-d mesh with Shard(1) layouts\n", g_world);
   /* Load in place: the state dict's tensors are our buffers, resharded 2 x 2 -> 1-d. */
   dsd_state_dict* all = checkpoint_state(&tr, 0, NULL);
   bool found;
   int64_t step;
   const double t = now();
-  CHECK(dsd_checkpoint_manager_load_latest(manager, tr.comm, all, NULL, &found, &step, ERR));
+  CHECK(dsd_checkpoint_manager_load_latest(manager, all, NULL, &found, &step, ERR));
   if (!found) {
     fprintf(stderr, "no complete checkpoint under %s\n", root);
     return 1;
@@ -417,24 +422,24 @@ static int do_resume(const char* dir, int more_steps) {
     printf("loaded step %lld (meta.step = %lld) with resharding in %.2f s\n", (long long)step,
            (long long)get_step(all), now() - t);
   }
-  dsd_state_dict_free(msd);
-  dsd_state_dict_free(osd);
-  dsd_state_dict_free(all);
+  dsd_state_dict_release(msd);
+  dsd_state_dict_release(osd);
+  dsd_state_dict_release(all);
 
   int status = 0;
   dsd_state_dict* full = full_state(&tr);
   if (g_rank == 0) {
     dsd_state_dict* ref;
-    CHECK(dsd_load_full(reference, NULL, 0, &ref, ERR));
+    CHECK(dsd_checkpoint_load_full(reference, NULL, 0, &ref, ERR));
     bool equal;
-    char why[256];
-    CHECK(dsd_state_dict_equal(full, ref, &equal, why, sizeof why, ERR));
+    const char* why; /* borrowed from `full` */
+    CHECK(dsd_state_dict_equal(full, ref, &equal, &why, ERR));
     printf("full state dict after resuming at world %d: %s\n", g_world,
            equal ? "bitwise identical to the one trained at world 4" : why);
     status = equal ? 0 : 1;
-    dsd_state_dict_free(ref);
+    dsd_state_dict_release(ref);
   }
-  dsd_state_dict_free(full);
+  dsd_state_dict_release(full);
   for (int s = 0; s < more_steps; ++s) train_step(&tr);
   if (g_rank == 0 && more_steps > 0) printf("trained %d more steps at world %d\n", more_steps, g_world);
   dsd_checkpoint_manager_free(manager);

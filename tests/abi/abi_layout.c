@@ -1,7 +1,8 @@
 /* Communicators, meshes and layouts through dsd.h, in one process: a local communicator and a
  * one-rank file store, mesh validation, layouts (placements, explicit chunks, introspection),
- * distributed tensors in state dicts, and every kind of layout-handle misuse: stale, double
- * release, zeroed, and a tensor handle passed as a layout and vice versa. */
+ * distributed tensors in state dicts, reference counting of communicators and meshes, and
+ * every kind of layout-handle misuse: stale, double release, zeroed, and a tensor handle
+ * passed as a layout and vice versa. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <unistd.h>
@@ -53,8 +54,8 @@ static void check_options_and_file_store(void) {
   CHECK_OK(dsd_comm_backend(c, &backend, ERR));
   CHECK(rank == 0 && size == 1 && strcmp(backend, "gloo") == 0);
   CHECK_OK(dsd_comm_barrier(c, ERR));
-  dsd_comm_free(c);
-  dsd_comm_free(NULL);
+  dsd_comm_release(c);
+  dsd_comm_release(NULL);
   unlink(path);
 
   /* No launcher: the error names the variables. */
@@ -76,31 +77,38 @@ static void check_meshes(dsd_comm* comm) {
   dsd_mesh* m = NULL;
   const int64_t one[1] = {1};
   const int64_t two_by_two[2] = {2, 2};
-  const int64_t bad_rank[1] = {3};
-  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "at least one dimension", dsd_mesh_new(comm, one, 0, NULL, DSD_DEVICE_CPU, &m, ERR));
-  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "outside a world of 1", dsd_mesh_new(comm, one, 1, bad_rank, DSD_DEVICE_CPU, &m, ERR));
-  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "outside a world of 1", dsd_mesh_new(comm, two_by_two, 2, NULL, DSD_DEVICE_CPU, &m, ERR));
-  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "unknown device type 7", dsd_mesh_new(comm, one, 1, NULL, 7, &m, ERR));
-  CHECK_OK(dsd_mesh_new(comm, one, 1, NULL, DSD_DEVICE_CUDA, &m, ERR));
+  const int32_t bad_rank[1] = {3}, zero_twice[2] = {0, 0}, rank0[1] = {0};
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "at least one dimension", dsd_mesh_new(comm, one, 0, NULL, 0, DSD_DEVICE_CPU, &m, ERR));
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "outside a world of 1", dsd_mesh_new(comm, one, 1, bad_rank, 1, DSD_DEVICE_CPU, &m, ERR));
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "outside a world of 1", dsd_mesh_new(comm, two_by_two, 2, NULL, 0, DSD_DEVICE_CPU, &m, ERR));
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "unknown device type 7", dsd_mesh_new(comm, one, 1, NULL, 0, 7, &m, ERR));
+  /* A rank count that is not the product of the sizes. */
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, NULL, dsd_mesh_new(comm, one, 1, zero_twice, 2, DSD_DEVICE_CPU, &m, ERR));
+  CHECK_OK(dsd_mesh_new(comm, one, 1, rank0, 1, DSD_DEVICE_CPU, &m, ERR)); /* explicit ranks */
+  dsd_mesh_release(m);
+  CHECK_OK(dsd_mesh_new(comm, one, 1, NULL, 0, DSD_DEVICE_CUDA, &m, ERR));
   size_t ndim = 0;
-  int64_t shape[4] = {0}, ranks[4] = {-1}, coord[4] = {-1};
-  int32_t type = 0;
+  int64_t shape[4] = {0}, coord[4] = {-1};
+  int32_t ranks[4] = {-1};
+  dsd_device_type type = 0;
   bool in_mesh = false;
   CHECK_OK(dsd_mesh_ndim(m, &ndim, ERR));
   CHECK_OK(dsd_mesh_shape(m, shape, 4, ERR));
   CHECK_OK(dsd_mesh_ranks(m, ranks, 4, ERR));
   CHECK_OK(dsd_mesh_device_type(m, &type, ERR));
-  CHECK_OK(dsd_mesh_coordinate(m, coord, 4, &in_mesh, ERR));
+  CHECK_OK(dsd_mesh_coordinate(m, &in_mesh, coord, 4, ERR));
   CHECK(ndim == 1 && shape[0] == 1 && ranks[0] == 0 && type == DSD_DEVICE_CUDA && in_mesh && coord[0] == 0);
   EXPECT_ERROR(DSD_E_BUFFER_TOO_SMALL, "needs room for 1", dsd_mesh_shape(m, shape, 0, ERR));
-  dsd_mesh_free(m);
-  dsd_mesh_free(NULL);
+  EXPECT_ERROR(DSD_E_BUFFER_TOO_SMALL, NULL, dsd_mesh_ranks(m, ranks, 0, ERR));
+  EXPECT_ERROR(DSD_E_BUFFER_TOO_SMALL, NULL, dsd_mesh_coordinate(m, &in_mesh, coord, 0, ERR));
+  dsd_mesh_release(m);
+  dsd_mesh_release(NULL);
 }
 
 static void check_layouts(dsd_comm* comm) {
   dsd_mesh* mesh = NULL;
   const int64_t one[1] = {1};
-  CHECK_OK(dsd_mesh_new(comm, one, 1, NULL, DSD_DEVICE_CPU, &mesh, ERR));
+  CHECK_OK(dsd_mesh_new(comm, one, 1, NULL, 0, DSD_DEVICE_CPU, &mesh, ERR));
   const int64_t global[2] = {7, 3};
   dsd_placement shard1 = {DSD_PLACEMENT_SHARD, 1};
   dsd_layout l = {0};
@@ -121,7 +129,7 @@ static void check_layouts(dsd_comm* comm) {
   EXPECT_ERROR(DSD_E_BUFFER_TOO_SMALL, NULL, dsd_layout_local_chunk(l, offs, sizes, 1, ERR));
   dsd_mesh* back = NULL;
   CHECK_OK(dsd_layout_mesh(l, &back, ERR));
-  dsd_mesh_free(back);
+  dsd_mesh_release(back);
 
   /* Bad layouts. */
   dsd_layout bad;
@@ -157,9 +165,9 @@ static void check_layouts(dsd_comm* comm) {
   const int64_t local_shape[2] = {7, 3}, wrong_shape[2] = {3, 7};
   const dsd_device cpu = {DSD_DEVICE_CPU, 0};
   dsd_tensor t, wrong, rows;
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, local_shape, NULL, cpu, false, NULL, NULL, &t, ERR));
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, wrong_shape, NULL, cpu, false, NULL, NULL, &wrong, ERR));
-  CHECK_OK(dsd_tensor_from_blob(data + 6, DSD_DTYPE_F32, 2, c_size, NULL, cpu, false, NULL, NULL, &rows, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, local_shape, 2, NULL, cpu, false, NULL, NULL, &t, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, wrong_shape, 2, NULL, cpu, false, NULL, NULL, &wrong, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data + 6, DSD_DTYPE_F32, c_size, 2, NULL, cpu, false, NULL, NULL, &rows, ERR));
   dsd_state_dict* sd = NULL;
   CHECK_OK(dsd_state_dict_new(&sd, ERR));
   CHECK_OK(dsd_state_dict_set_tensor(sd, "plain", t, ERR));
@@ -243,12 +251,52 @@ static void check_layouts(dsd_comm* comm) {
   CHECK_OK(dsd_tensor_release(t, ERR));
   CHECK_OK(dsd_tensor_release(wrong, ERR));
   CHECK_OK(dsd_tensor_release(rows, ERR));
-  dsd_state_dict_free(sd);
-  dsd_mesh_free(mesh);
+  dsd_state_dict_release(sd);
+  dsd_mesh_release(mesh);
+}
+
+/* Communicators and meshes are reference counted: retain returns its argument, and a mesh
+ * (and a layout, through its mesh) keeps its communicator alive after the caller's release. */
+static void check_retain_release(void) {
+  dsd_comm* comm = local_comm();
+  CHECK(dsd_comm_retain(comm) == comm);
+  dsd_comm_release(comm);
+  int32_t rank = -1;
+  CHECK_OK(dsd_comm_rank(comm, &rank, ERR)); /* one reference left */
+  CHECK(rank == 0);
+
+  const int64_t one[1] = {1};
+  dsd_mesh* mesh = NULL;
+  CHECK_OK(dsd_mesh_new(comm, one, 1, NULL, 0, DSD_DEVICE_CPU, &mesh, ERR));
+  dsd_comm_release(comm); /* the caller's last reference: the mesh still holds one */
+  CHECK(dsd_mesh_retain(mesh) == mesh);
+  dsd_mesh_release(mesh);
+  bool in_mesh = false;
+  int64_t coord[1] = {-1};
+  CHECK_OK(dsd_mesh_coordinate(mesh, &in_mesh, coord, 1, ERR)); /* asks the communicator */
+  CHECK(in_mesh && coord[0] == 0);
+
+  const int64_t global[1] = {4};
+  const dsd_placement shard0 = {DSD_PLACEMENT_SHARD, 0};
+  dsd_layout l;
+  CHECK_OK(dsd_layout_new_placements(mesh, global, 1, &shard0, 1, &l, ERR));
+  dsd_mesh_release(mesh); /* the layout holds the mesh, which holds the communicator */
+  int64_t offs[1] = {-1}, sizes[1] = {-1};
+  CHECK_OK(dsd_layout_local_chunk(l, offs, sizes, 1, ERR));
+  CHECK(offs[0] == 0 && sizes[0] == 4);
+  dsd_mesh* back = NULL;
+  CHECK_OK(dsd_layout_mesh(l, &back, ERR));
+  size_t ndim = 0;
+  CHECK_OK(dsd_mesh_ndim(back, &ndim, ERR));
+  CHECK(ndim == 1);
+  CHECK_OK(dsd_layout_release(l, ERR));
+  CHECK_OK(dsd_mesh_ndim(back, &ndim, ERR)); /* layout_mesh's reference is the caller's own */
+  dsd_mesh_release(back);                     /* the last reference to the mesh and the comm */
 }
 
 int main(void) {
   check_options_and_file_store();
+  check_retain_release();
   dsd_comm* comm = local_comm();
   int32_t rank = -1, size = -1;
   CHECK_OK(dsd_comm_rank(comm, &rank, ERR));
@@ -257,6 +305,6 @@ int main(void) {
   CHECK_OK(dsd_comm_barrier(comm, ERR));
   check_meshes(comm);
   check_layouts(comm);
-  dsd_comm_free(comm); /* meshes and layouts hold their own references */
+  dsd_comm_release(comm); /* meshes and layouts hold their own references */
   CHECK_DONE();
 }

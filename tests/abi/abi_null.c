@@ -9,7 +9,7 @@ int main(void) {
   dsd_tensor t = {0};
   float x = 1;
   const int64_t one = 1;
-  CHECK_OK(dsd_tensor_from_blob(&x, DSD_DTYPE_F32, 1, &one, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
+  CHECK_OK(dsd_tensor_from_blob(&x, DSD_DTYPE_F32, &one, 1, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
                                 false, NULL, NULL, &t, ERR));
   size_t n;
   dsd_kind kind;
@@ -28,7 +28,7 @@ int main(void) {
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "data is NULL", dsd_state_dict_set_string(sd, "k", NULL, 3, ERR));
   CHECK_OK(dsd_state_dict_set_string(sd, "k", NULL, 0, ERR)); /* empty string */
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "child is NULL", dsd_state_dict_set_child(sd, "c", NULL, ERR));
-  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "flat_out is NULL", dsd_state_dict_flatten(sd, NULL, NULL, ERR));
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out_flat is NULL", dsd_state_dict_flatten(sd, NULL, NULL, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out is NULL", dsd_tensor_info_get(t, NULL, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out is NULL", dsd_tensor_shape(t, NULL, 4, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out is NULL", dsd_tensor_to_dlpack(t, NULL, ERR));
@@ -36,15 +36,15 @@ int main(void) {
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "src is NULL", dsd_tensor_from_dlpack(NULL, &t, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "src is NULL", dsd_tensor_from_dlpack_versioned(NULL, &t, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "shape is NULL",
-               dsd_tensor_from_blob(&x, DSD_DTYPE_F32, 1, NULL, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
+               dsd_tensor_from_blob(&x, DSD_DTYPE_F32, NULL, 1, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
                                     false, NULL, NULL, &t, ERR));
   EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "data is NULL",
-               dsd_tensor_from_blob(NULL, DSD_DTYPE_F32, 1, &one, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
+               dsd_tensor_from_blob(NULL, DSD_DTYPE_F32, &one, 1, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
                                     false, NULL, NULL, &t, ERR));
   /* No elements, no data: fine. */
   const int64_t zero = 0;
   dsd_tensor empty;
-  CHECK_OK(dsd_tensor_from_blob(NULL, DSD_DTYPE_F32, 1, &zero, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
+  CHECK_OK(dsd_tensor_from_blob(NULL, DSD_DTYPE_F32, &zero, 1, NULL, (dsd_device){DSD_DEVICE_CPU, 0},
                                 false, NULL, NULL, &empty, ERR));
   CHECK_OK(dsd_tensor_release(empty, ERR));
 
@@ -54,10 +54,30 @@ int main(void) {
   CHECK(dsd_error_code(NULL) == DSD_E_INVALID_ARGUMENT);
   CHECK(strcmp(dsd_error_message(NULL), "") == 0);
   CHECK(strcmp(dsd_error_context(NULL), "") == 0);
+  /* Releasing, retaining or freeing NULL: no-ops for every root. */
   dsd_error_free(NULL);
-  dsd_state_dict_free(NULL);
+  dsd_state_dict_release(NULL);
+  dsd_comm_release(NULL);
+  dsd_mesh_release(NULL);
+  CHECK(dsd_state_dict_retain(NULL) == NULL);
+  CHECK(dsd_comm_retain(NULL) == NULL);
+  CHECK(dsd_mesh_retain(NULL) == NULL);
+  dsd_model_free(NULL);
+  dsd_optim_free(NULL);
+  dsd_incompatible_keys_free(NULL);
+  dsd_future_free(NULL);
+  dsd_async_checkpointer_free(NULL);
+  dsd_checkpoint_manager_free(NULL);
+  /* The outputs the header documents as optional. */
+  bool equal = false;
+  CHECK_OK(dsd_state_dict_equal(sd, sd, &equal, NULL, ERR));
+  CHECK(equal);
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out_equal is NULL", dsd_state_dict_equal(sd, sd, NULL, NULL, ERR));
+  CHECK_OK(dsd_state_dict_container_kind(sd, &kind, NULL, ERR));
+  CHECK(kind == DSD_KIND_DICT);
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "out is NULL", dsd_async_checkpointer_new(NULL, NULL, ERR));
 
   CHECK_OK(dsd_tensor_release(t, ERR));
-  dsd_state_dict_free(sd);
+  dsd_state_dict_release(sd);
   CHECK_DONE();
 }

@@ -22,7 +22,7 @@ int main(void) {
   const int64_t shape[2] = {2, 3};
   const dsd_device cpu = {DSD_DEVICE_CPU, 0};
   dsd_tensor t = {0};
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, shape, NULL, cpu, false, count_release,
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, 2, NULL, cpu, false, count_release,
                                 &releases, &t, ERR));
   CHECK(t.bits != 0);
 
@@ -83,18 +83,18 @@ int main(void) {
   /* Bad descriptions fail, and the release callback still runs exactly once. */
   const int64_t bad_shape[2] = {2, -3};
   EXPECT_ERROR(DSD_E_SHAPE_MISMATCH, "negative size",
-               dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, bad_shape, NULL, cpu, false,
+               dsd_tensor_from_blob(data, DSD_DTYPE_F32, bad_shape, 2, NULL, cpu, false,
                                     count_release, &releases, &t, ERR));
   CHECK(releases == 2);
   EXPECT_ERROR(DSD_E_DTYPE_MISMATCH, "unknown dtype",
-               dsd_tensor_from_blob(data, 77, 2, shape, NULL, cpu, false, count_release, &releases, &t, ERR));
+               dsd_tensor_from_blob(data, 77, shape, 2, NULL, cpu, false, count_release, &releases, &t, ERR));
   CHECK(releases == 3);
   const int64_t neg_strides[2] = {3, -1};
   EXPECT_ERROR(DSD_E_UNSUPPORTED, "negative stride",
-               dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, shape, neg_strides, cpu, false, NULL, NULL, &t, ERR));
+               dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, 2, neg_strides, cpu, false, NULL, NULL, &t, ERR));
   const dsd_device gpu = {DSD_DEVICE_CUDA, 0};
   dsd_error* err = NULL;
-  dsd_status st = dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, shape, NULL, gpu, false, NULL, NULL, &t, &err);
+  dsd_status st = dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, 2, NULL, gpu, false, NULL, NULL, &t, &err);
   if (st != DSD_OK) {
     CHECK(st == DSD_E_DEVICE);
     CHECK(strstr(dsd_error_message(err), "without CUDA") != NULL);
@@ -103,10 +103,10 @@ int main(void) {
     CHECK_OK(dsd_tensor_release(t, ERR));
   }
   const dsd_device tpu = {42, 0};
-  EXPECT_ERROR(DSD_E_DEVICE, "device type", dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, shape, NULL, tpu, false, NULL, NULL, &t, ERR));
+  EXPECT_ERROR(DSD_E_DEVICE, "device type", dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, 2, NULL, tpu, false, NULL, NULL, &t, ERR));
 
   /* Read-only memory stays read-only through DLPack. */
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, shape, NULL, cpu, true, NULL, NULL, &t, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, shape, 2, NULL, cpu, true, NULL, NULL, &t, ERR));
   CHECK_OK(dsd_tensor_to_dlpack_versioned(t, &v1, ERR));
   CHECK_OK(dsd_tensor_from_dlpack_versioned(v1, &back, ERR));
   CHECK_OK(dsd_tensor_info_get(back, &info, ERR));
@@ -116,6 +116,6 @@ int main(void) {
 
   /* A failing call with err == NULL still returns its status, and sets the last error. */
   CHECK(dsd_tensor_release(t, NULL) == DSD_E_STALE_HANDLE);
-  CHECK(strstr(dsd_last_error_message(), "stale") != NULL);
+  CHECK(strstr(dsd_error_last_message(), "stale") != NULL);
   CHECK_DONE();
 }

@@ -18,7 +18,8 @@ static int check_failures = 0;
     }                                                                        \
   } while (0)
 
-/* Runs a call that must succeed; prints the error otherwise. */
+/* Runs a call that must succeed; prints the error otherwise. Each call gets its own error
+ * object, NULL on entry as the ABI requires. */
 #define CHECK_OK(call)                                                               \
   do {                                                                               \
     dsd_error* check_err_ = NULL;                                                    \

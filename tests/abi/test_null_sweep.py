@@ -20,24 +20,21 @@ lib = ffi.dlopen(os.environ["DSD_LIBRARY"])
 
 # Arguments NULL may stand for, by function (or "*" for all): documented as optional.
 OPTIONAL = {
-    "*": {"err", "user_data", "release", "why", "strides", "is_tuple", "options", "keys_out"},
-        "dsd_model_new": {"comm", "class_name"},
-    "dsd_model_canonical_fqn": {"len_out"},
+    "*": {"err", "user_data", "release", "out_why", "strides", "out_is_tuple", "options", "out_keys"},
+    "dsd_model_new": {"comm", "class_name"},
     "dsd_optim_set_param_state": {"state"},
-    # Checkpoints: comm NULL is a single process, options NULL the defaults, out NULL no report.
-    "dsd_save": {"comm", "options"},
-    "dsd_save_async": {"comm", "options"},
-    "dsd_load": {"comm", "options", "out"},
-    "dsd_checkpoint_manager_save": {"comm", "options"},
-    "dsd_checkpoint_manager_save_async": {"comm", "options"},
-    "dsd_checkpoint_manager_load_latest": {"comm", "options"},
-    # Communicator options default when NULL; NULL is the default CUDA stream; a mesh's
-    # ranks default to 0, 1, 2, ...
-    "dsd_comm_new_from_env": {"options"},
-    "dsd_comm_new_file_store": {"options"},
-    "dsd_comm_new_nccl": {"options", "cuda_stream"},
+    # Checkpoints: comm NULL is a single process, options NULL the defaults.
+    "dsd_checkpoint_save": {"comm"},
+    "dsd_checkpoint_load": {"comm"},
+    "dsd_async_checkpointer_new": {"comm"},
+    "dsd_checkpoint_manager_new": {"comm"},
+    # NULL is the default CUDA stream; a mesh's ranks default to 0, 1, 2, ...
+    "dsd_comm_new_nccl": {"cuda_stream"},
     "dsd_mesh_new": {"ranks"},
 }
+
+# Arrays passed in (`items, count`): the factories give one valid element.
+STRING_ARRAYS = {"keys", "names", "submodules"}
 
 
 def _ok(status, err):
@@ -51,8 +48,9 @@ class Factory:
         data = ffi.new("float[4]", [1, 2, 3, 4])
         shape = ffi.new("int64_t[1]", [4])
         t = ffi.new("dsd_tensor*")
-        _ok(lib.dsd_tensor_from_blob(data, lib.DSD_DTYPE_F32, 1, shape, ffi.NULL, {"type": 1, "index": 0},
-                                     False, ffi.NULL, ffi.NULL, t, err), err)
+        _ok(lib.dsd_tensor_from_blob(data, lib.DSD_DTYPE_F32, shape, 1, ffi.NULL,
+                                     {"type": lib.DSD_DEVICE_CPU, "index": 0}, False, ffi.NULL, ffi.NULL,
+                                     t, err), err)
         self.keep += [data, shape]
         self.tensor = t[0]
 
@@ -60,7 +58,7 @@ class Factory:
         out = ffi.new("dsd_state_dict**")
         err = ffi.new("dsd_error**")
         _ok(lib.dsd_state_dict_new(out, err), err)
-        sd = ffi.gc(out[0], lib.dsd_state_dict_free)
+        sd = ffi.gc(out[0], lib.dsd_state_dict_release)
         _ok(lib.dsd_state_dict_set_int(sd, b"k", 1, err), err)
         self.keep.append(sd)
         return sd
@@ -90,20 +88,21 @@ class Factory:
         sd = ffi.new("dsd_state_dict**")
         _ok(lib.dsd_state_dict_new(sd, err), err)
         _ok(lib.dsd_state_dict_set_tensor(sd[0], b"x", self.tensor, err), err)
-        opts = ffi.new("dsd_options*")
-        lib.dsd_options_init(opts)
+        opts = ffi.new("dsd_state_dict_options*")
+        lib.dsd_state_dict_options_init(opts)
         opts.strict = False
         out = ffi.new("dsd_incompatible_keys**")
         _ok(lib.dsd_set_model_state_dict(self.model(), sd[0], opts, out, err), err)
-        lib.dsd_state_dict_free(sd[0])
+        lib.dsd_state_dict_release(sd[0])
         keys = ffi.gc(out[0], lib.dsd_incompatible_keys_free)
         self.keep.append(keys)
         return keys
+
     def comm(self):
         out = ffi.new("dsd_comm**")
         err = ffi.new("dsd_error**")
         _ok(lib.dsd_comm_new_local(out, err), err)
-        comm = ffi.gc(out[0], lib.dsd_comm_free)
+        comm = ffi.gc(out[0], lib.dsd_comm_release)
         self.keep.append(comm)
         return comm
 
@@ -111,8 +110,8 @@ class Factory:
         out = ffi.new("dsd_mesh**")
         err = ffi.new("dsd_error**")
         shape = ffi.new("int64_t[1]", [1])
-        _ok(lib.dsd_mesh_new(self.comm(), shape, 1, ffi.NULL, lib.DSD_DEVICE_CPU, out, err), err)
-        mesh = ffi.gc(out[0], lib.dsd_mesh_free)
+        _ok(lib.dsd_mesh_new(self.comm(), shape, 1, ffi.NULL, 0, lib.DSD_DEVICE_CPU, out, err), err)
+        mesh = ffi.gc(out[0], lib.dsd_mesh_release)
         self.keep.append(mesh)
         return mesh
 
@@ -147,80 +146,80 @@ class Factory:
         err = ffi.new("dsd_error**")
         _ok(lib.dsd_state_dict_set_tensor(sd, b"w", self.tensor, err), err)
         path = (tmp.name + "/ck").encode()
-        _ok(lib.dsd_save(ffi.NULL, sd, path, ffi.NULL, err), err)
+        _ok(lib.dsd_checkpoint_save(ffi.NULL, sd, path, ffi.NULL, err), err)
         return sd, tmp.name, path
+
+    def checkpointer(self):
+        out = ffi.new("dsd_async_checkpointer**")
+        err = ffi.new("dsd_error**")
+        _ok(lib.dsd_async_checkpointer_new(ffi.NULL, out, err), err)
+        checkpointer = ffi.gc(out[0], lib.dsd_async_checkpointer_free)
+        self.keep.append(checkpointer)
+        return checkpointer
 
     def future(self):
         sd, tmp, _ = self.checkpoint_dir()
         out = ffi.new("dsd_future**")
         err = ffi.new("dsd_error**")
-        _ok(lib.dsd_save_async(ffi.NULL, sd, (tmp + "/async").encode(), ffi.NULL, out, err), err)
+        _ok(lib.dsd_checkpoint_save_async(self.checkpointer(), sd, (tmp + "/async").encode(), ffi.NULL, out,
+                                          err), err)
         _ok(lib.dsd_future_wait(out[0], -1, err), err)
         return ffi.gc(out[0], lib.dsd_future_free)
-
-    def load_report(self):
-        sd, _, path = self.checkpoint_dir()
-        out = ffi.new("dsd_load_report**")
-        err = ffi.new("dsd_error**")
-        _ok(lib.dsd_load(ffi.NULL, sd, path, ffi.NULL, out, err), err)
-        return ffi.gc(out[0], lib.dsd_load_report_free)
 
     def manager(self):
         tmp = tempfile.TemporaryDirectory()
         self.keep.append(tmp)
         out = ffi.new("dsd_checkpoint_manager**")
         err = ffi.new("dsd_error**")
-        _ok(lib.dsd_checkpoint_manager_new(tmp.name.encode(), 1, out, err), err)
+        _ok(lib.dsd_checkpoint_manager_new(ffi.NULL, tmp.name.encode(), 1, out, err), err)
         return ffi.gc(out[0], lib.dsd_checkpoint_manager_free)
 
+    def options(self, struct):
+        o = ffi.new(struct + "*")
+        getattr(lib, struct + "_init")(o)
+        self.keep.append(o)
+        return o
+
     def value(self, name, ctype):
-        if ctype == "const dsd_convert_options*":
-            o = ffi.new("dsd_convert_options*")
-            lib.dsd_convert_options_init(o)
-            return o
+        if ctype.startswith("const dsd_") and ctype.endswith("_options*"):
+            return self.options(ctype[len("const "):-1])
         if ctype == "dsd_format":
             return lib.DSD_FORMAT_TORCH
-        if ctype in ("const dsd_save_options*", "const dsd_load_options*"):
-            o = ffi.new(ctype.replace("const ", ""))
-            (lib.dsd_save_options_init if "save" in ctype else lib.dsd_load_options_init)(o)
-            return o
+        if ctype == "dsd_key_list":
+            return lib.DSD_KEYS_MISSING
         if ctype in ("dsd_future*", "const dsd_future*"):
             return self.future()
-        if ctype == "const dsd_load_report*":
-            return self.load_report()
+        if ctype == "dsd_async_checkpointer*":
+            return self.checkpointer()
         if ctype in ("dsd_checkpoint_manager*", "const dsd_checkpoint_manager*"):
             return self.manager()
-        if ctype == "const char* const*":
+        if ctype == "const char**" and name in STRING_ARRAYS:
             b = ffi.new("char[]", b"w")
             arr = ffi.new("char*[1]", [b])
             self.keep += [b, arr]
             return arr
-        if ctype == "dsd_load_report_list":
-            return 0
+        if ctype == "const char**":
+            return ffi.new("const char**")  # a borrowed string handed out
         if ctype in ("dsd_state_dict*", "const dsd_state_dict*"):
             return self.state_dict()
-        if ctype == "dsd_model*":
+        if ctype in ("dsd_model*", "const dsd_model*"):
             return self.model()
-        if ctype == "dsd_optim*":
+        if ctype in ("dsd_optim*", "const dsd_optim*"):
             return self.optim()
-        if ctype == "dsd_optim* const*":
+        if ctype == "dsd_optim**":  # dsd_optim* const* optims
             arr = ffi.new("dsd_optim*[1]", [self.optim()])
+            self.keep.append(arr)
+            return arr
+        if ctype == "const dsd_tensor*":
+            arr = ffi.new("dsd_tensor[1]", [self.tensor])
             self.keep.append(arr)
             return arr
         if ctype in ("dsd_incompatible_keys*", "const dsd_incompatible_keys*"):
             return self.incompatible_keys()
-        if ctype == "const dsd_options*":
-            o = ffi.new("dsd_options*")
-            lib.dsd_options_init(o)
-            return o
         if ctype in ("dsd_comm*", "const dsd_comm*"):
             return self.comm()
         if ctype in ("dsd_mesh*", "const dsd_mesh*"):
             return self.mesh()
-        if ctype == "const dsd_comm_options*":
-            o = ffi.new("dsd_comm_options*")
-            lib.dsd_comm_options_init(o)
-            return o
         if ctype == "const dsd_placement*":
             p = ffi.new("dsd_placement[1]", [{"kind": lib.DSD_PLACEMENT_SHARD, "dim": 0}])
             self.keep.append(p)
@@ -232,8 +231,6 @@ class Factory:
         if ctype == "struct DLManagedTensor*":
             return self.dlpack(False)
         if ctype in ("const char*", "char*"):
-            if name == "why":
-                return ffi.new("char[64]")
             b = ffi.new("char[]", b"abc")
             self.keep.append(b)
             return b
@@ -245,6 +242,10 @@ class Factory:
             b = ffi.new("int64_t[1]", [4])
             self.keep.append(b)
             return b
+        if ctype == "const int32_t*":
+            b = ffi.new("int32_t[1]", [0])
+            self.keep.append(b)
+            return b
         if ctype == "int64_t*":
             return ffi.new("int64_t[8]")
         if ctype.endswith("*"):
@@ -254,14 +255,15 @@ class Factory:
         if ctype == "dsd_layout":
             return self.layout()
         if ctype == "dsd_device":
-            return {"type": 1, "index": 0}
+            return {"type": lib.DSD_DEVICE_CPU, "index": 0}
+        if ctype == "dsd_device_type":
+            return lib.DSD_DEVICE_CPU
         if ctype == "dsd_dtype":
             return lib.DSD_DTYPE_F32
         if ctype == "dsd_wrapper_kind":
             return lib.DSD_WRAPPER_DDP
         if ctype in ("size_t", "int32_t", "int64_t", "uint32_t", "uint64_t"):
-            return {"capacity": 8, "why_capacity": 64, "len": 3, "ndim": 1, "rank": 0,
-                    "device_type": lib.DSD_DEVICE_CPU}.get(name, 0 if name == "index" else 1)
+            return {"capacity": 8, "len": 3, "ndim": 1, "rank": 0}.get(name, 0 if name == "index" else 1)
         if ctype == "bool":
             return False
         if ctype == "double":

@@ -2,8 +2,8 @@
 layouts at another, under dsdrun (torch.distributed over Gloo and a dsd communicator share
 the launcher's store):
 
-    dsdrun -n 4 python dtensor_ckpt.py save DIR
-    dsdrun -n 2 python dtensor_ckpt.py load DIR     (any world size)
+    dsdrun -n 4 python dtensor_ckpt.py save DIR     (also DIR.async, by dsd.async_save)
+    dsdrun -n 2 python dtensor_ckpt.py load DIR     (any world size; both)
 
 The full tensors are the same on every rank (seeded); every loaded DTensor's full_tensor()
 must equal its full tensor bitwise, and the plain values come back. Prints
@@ -20,9 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import dsd
-from dsd._checkpoint import _load_options, _save_options
-from dsd._errors import call
-from dsd._lib import ffi, lib
+from dsd import _capi
 
 # key -> (shape, dtype, placements at save time on a 4-rank world: "1d" mesh or "2d" 2x2)
 CASES = {
@@ -70,26 +68,33 @@ def main(scenario: str, path: str) -> int:
         sd["plain"] = torch.arange(12.0)
         tree = nest(sd) | dict(VALUES)
         h = dsd.StateDict.from_python(tree, comm)
-        call(lib.dsd_save, comm.ptr, h.ptr, path.encode(), _save_options())
+        _capi.checkpoint_save(comm.ptr, h.ptr, path, _capi.SaveOptions())
+        # The same through the communicator's asynchronous checkpointer.
+        dsd.async_save(tree, path + ".async", comm=comm).result(timeout=60)
     else:
         # Other layouts at this world size: alternately Shard(1)/Shard(0) and Replicate.
-        sd = {}
-        for i, (k, (shape, dtype, _, _)) in enumerate(CASES.items()):
-            pl = [Replicate()] if i % 3 == 2 else [Shard(1 if len(shape) > 1 and i % 2 == 0 else 0)]
-            sd[k] = distribute_tensor(torch.zeros(shape, dtype=dtype), line, pl)
-        sd["plain"] = torch.zeros(12)
-        tree = nest(sd) | {k: None for k in VALUES}
-        h = dsd.StateDict.from_python(tree, comm)
-        call(lib.dsd_load, comm.ptr, h.ptr, path.encode(), _load_options(), ffi.NULL)
-        back = h.to_python()
-        for k in CASES:
-            got = sd[k].full_tensor()  # loaded in place into the local shards
-            assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
-                               full[k].view(-1).view(torch.uint8) if got.numel() else full[k]), \
-                f"rank {rank}: {k} ({sd[k].placements}) differs after the load at world {world}"
-        assert torch.equal(sd["plain"], torch.arange(12.0))
-        for k, v in VALUES.items():
-            assert back[k] == v, f"rank {rank}: value {k} is {back[k]!r}"
+        for source in (path, path + ".async"):
+            sd = {}
+            for i, (k, (shape, dtype, _, _)) in enumerate(CASES.items()):
+                pl = [Replicate()] if i % 3 == 2 else [Shard(1 if len(shape) > 1 and i % 2 == 0 else 0)]
+                sd[k] = distribute_tensor(torch.zeros(shape, dtype=dtype), line, pl)
+            sd["plain"] = torch.zeros(12)
+            tree = nest(sd) | {k: None for k in VALUES}
+            if source == path:
+                h = dsd.StateDict.from_python(tree, comm)
+                _capi.checkpoint_load(comm.ptr, h.ptr, source, _capi.LoadOptions())
+                back = h.to_python()
+            else:
+                dsd.load(tree, source, comm=comm)
+                back = tree
+            for k in CASES:
+                got = sd[k].full_tensor()  # loaded in place into the local shards
+                assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
+                                   full[k].view(-1).view(torch.uint8) if got.numel() else full[k]), \
+                    f"rank {rank}: {k} ({sd[k].placements}) of {source} differs after the load at world {world}"
+            assert torch.equal(sd["plain"], torch.arange(12.0))
+            for k, v in VALUES.items():
+                assert back[k] == v, f"rank {rank}: value {k} of {source} is {back[k]!r}"
     comm.barrier()
     print(f"rank {rank}: dtensor {scenario} ok", flush=True)
     dist.destroy_process_group()

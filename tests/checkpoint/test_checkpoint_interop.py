@@ -7,6 +7,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -135,6 +137,50 @@ def test_async_save_and_its_errors(tmp_path):
         again.result()
     assert e.value.code_name == "exists"
     assert str(tmp_path / "a") in str(e.value)
+
+
+def test_async_checkpointer(tmp_path):
+    sd = {"w": torch.ones(64, 64), "step": 1}
+    with dsd.AsyncCheckpointer() as ckpt:
+        first = ckpt.save(sd, tmp_path / "a")
+        sd["w"].fill_(2.0)  # staged already
+        sd["step"] = 2
+        second = ckpt.save(sd, tmp_path / "b", sync_files=False)  # waits for the first
+        first.result(timeout=60)
+        second.result(timeout=60)
+    assert torch.equal(dsd.load_full(tmp_path / "a")["w"], torch.ones(64, 64))
+    b = dsd.load_full(tmp_path / "b")
+    assert b["step"] == 2 and torch.equal(b["w"], torch.full((64, 64), 2.0))
+    ckpt.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        ckpt.save(sd, tmp_path / "c")
+    with pytest.raises(TypeError):
+        dsd.AsyncCheckpointer().save(sd, tmp_path / "d", no_such_option=True)
+    with pytest.raises(ValueError, match="unknown format 'zip'"):
+        dsd.async_save(sd, tmp_path / "e", format="zip")
+
+
+def test_a_save_in_flight_commits_before_the_interpreter_exits(tmp_path):
+    code = f"import dsd, torch; dsd.async_save({{'w': torch.ones(1 << 22)}}, {str(tmp_path / 'x')!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ, timeout=120)
+    assert torch.equal(dsd.load_full(tmp_path / "x")["w"], torch.ones(1 << 22))
+
+
+def test_async_save_and_manager_over_a_communicator(tmp_path):
+    comm = dsd.Communicator.local()
+    assert comm.async_checkpointer is None
+    dsd.async_save({"w": torch.ones(4)}, tmp_path / "a", comm=comm).result(timeout=60)
+    ckpt = comm.async_checkpointer  # one per communicator, made on first use
+    assert isinstance(ckpt, dsd.AsyncCheckpointer)
+    dsd.async_save({"w": torch.ones(4)}, tmp_path / "b", comm=comm).result(timeout=60)
+    assert comm.async_checkpointer is ckpt
+    assert torch.equal(dsd.load_full(tmp_path / "b")["w"], torch.ones(4))
+    mgr = dsd.CheckpointManager(tmp_path / "run", keep_last=1, comm=comm)
+    mgr.save({"w": torch.full((2,), 1.0)}, 1)
+    mgr.async_save({"w": torch.full((2,), 2.0)}, 2).result(timeout=60)
+    dst = {"w": torch.zeros(2)}
+    assert mgr.load_latest(dst) == 2 and torch.equal(dst["w"], torch.full((2,), 2.0))
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step_2"]
 
 
 def test_strict_and_partial_loads(tmp_path):

@@ -14,7 +14,6 @@
 #include <nlohmann/json.hpp>
 
 #include "ckpt_test_util.h"
-#include "core/checkpoint/convert.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load.h"
 #include "core/checkpoint/save.h"
@@ -22,10 +21,15 @@
 #include "core/dist/mesh.h"
 #include "core/formats/torch_save.h"
 #include "core/formats/zip_check.h"
+#include "core/interop/convert.h"
+#include "core/interop/diff.h"
+#include "core/interop/verify_any.h"
 #include "core/tensor/dtype_torch.h"
 
 namespace dsd::checkpoint {
 namespace {
+
+using namespace ::dsd::interop;  // NOLINT: the conversions under test
 
 using ::testing::HasSubstr;
 using dsd::testing::TempDir;

@@ -14,20 +14,24 @@
 #include <fstream>
 
 #include "ckpt_test_util.h"
-#include "core/checkpoint/format.h"
+#include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load.h"
 #include "core/checkpoint/manager.h"
 #include "core/checkpoint/save.h"
 #include "core/checkpoint/source.h"
+#include "core/checkpoint/verify.h"
 #include "core/dist/layout.h"
 #include "core/dist/mesh.h"
 #include "core/formats/dcp_chunks.h"
 #include "core/formats/dcp_metadata.h"
+#include "core/interop/detect.h"
 #include "core/tensor/dtype_torch.h"
 
 namespace dsd::checkpoint {
 namespace {
+
+using interop::detect_format;
 
 using ::testing::HasSubstr;
 using dsd::testing::TempDir;

@@ -7,6 +7,8 @@
 
 #include <functional>
 
+#include "core/base/strings.h"
+
 namespace dsd::checkpoint {
 namespace {
 

@@ -1,6 +1,6 @@
 // The global save plan from simulated ranks: replicated chunks written once and balanced by
 // bytes (DCP's dedup_save_plans), validation failures, file assignment and naming.
-#include "core/checkpoint/planner.h"
+#include "core/checkpoint/save_planner.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -2,7 +2,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/base/result.h"
 #include "core/base/torch_call.h"
 

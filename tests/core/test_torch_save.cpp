@@ -17,7 +17,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/dist/layout.h"
 #include "core/dist/mesh.h"
 #include "core/formats/dcp_chunks.h"

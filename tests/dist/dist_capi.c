@@ -39,10 +39,10 @@ int main(void) {
   /* 2 x 2, ranks laid out as PyTorch's init_device_mesh("cpu", (2, 2)). */
   const int64_t shape[2] = {2, 2};
   dsd_mesh* mesh = NULL;
-  CHECK_OK(dsd_mesh_new(comm, shape, 2, NULL, DSD_DEVICE_CPU, &mesh, ERR));
+  CHECK_OK(dsd_mesh_new(comm, shape, 2, NULL, 0, DSD_DEVICE_CPU, &mesh, ERR));
   int64_t coord[2] = {-1, -1};
   bool in_mesh = false;
-  CHECK_OK(dsd_mesh_coordinate(mesh, coord, 2, &in_mesh, ERR));
+  CHECK_OK(dsd_mesh_coordinate(mesh, &in_mesh, coord, 2, ERR));
   CHECK(in_mesh && coord[0] == rank_ / 2 && coord[1] == rank_ % 2);
   const int64_t r = coord[0], c = coord[1];
 
@@ -73,9 +73,9 @@ int main(void) {
 
   /* A sub-mesh of ranks 3 and 1 (in that order): ranks 0 and 2 hold nothing. */
   const int64_t sub_shape[1] = {2};
-  const int64_t sub_ranks[2] = {3, 1};
+  const int32_t sub_ranks[2] = {3, 1};
   dsd_mesh* sub = NULL;
-  CHECK_OK(dsd_mesh_new(comm, sub_shape, 1, sub_ranks, DSD_DEVICE_CPU, &sub, ERR));
+  CHECK_OK(dsd_mesh_new(comm, sub_shape, 1, sub_ranks, 2, DSD_DEVICE_CPU, &sub, ERR));
   const dsd_placement shard0 = {DSD_PLACEMENT_SHARD, 0};
   dsd_layout l_sub;
   CHECK_OK(dsd_layout_new_placements(sub, global, 2, &shard0, 1, &l_sub, ERR));
@@ -89,8 +89,8 @@ int main(void) {
   const int64_t sub_local[2] = {rank_ == 3 ? 4 : (rank_ == 1 ? 3 : 0), 4};
   const dsd_device cpu = {DSD_DEVICE_CPU, 0};
   dsd_tensor t_tp, t_sub;
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, tp_shape, NULL, cpu, false, NULL, NULL, &t_tp, ERR));
-  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, 2, sub_local, NULL, cpu, false, NULL, NULL, &t_sub, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, tp_shape, 2, NULL, cpu, false, NULL, NULL, &t_tp, ERR));
+  CHECK_OK(dsd_tensor_from_blob(data, DSD_DTYPE_F32, sub_local, 2, NULL, cpu, false, NULL, NULL, &t_sub, ERR));
   dsd_state_dict* sd = NULL;
   CHECK_OK(dsd_state_dict_new(&sd, ERR));
   CHECK_OK(dsd_state_dict_set_dist_tensor(sd, "layer.weight", t_tp, l_tp, ERR));
@@ -104,22 +104,22 @@ int main(void) {
   CHECK(ps[0].kind == DSD_PLACEMENT_SHARD && ps[0].dim == 0 && ps[1].kind == DSD_PLACEMENT_SHARD && ps[1].dim == 1);
   dsd_mesh* back_mesh = NULL;
   CHECK_OK(dsd_layout_mesh(back, &back_mesh, ERR));
-  int64_t ranks[4] = {-1, -1, -1, -1};
+  int32_t ranks[4] = {-1, -1, -1, -1};
   CHECK_OK(dsd_mesh_ranks(back_mesh, ranks, 4, ERR));
   CHECK(ranks[0] == 0 && ranks[1] == 1 && ranks[2] == 2 && ranks[3] == 3);
-  dsd_mesh_free(back_mesh);
+  dsd_mesh_release(back_mesh);
   CHECK_OK(dsd_layout_release(back, ERR));
 
   CHECK_OK(dsd_comm_barrier(comm, ERR));
-  dsd_state_dict_free(sd);
+  dsd_state_dict_release(sd);
   CHECK_OK(dsd_tensor_release(t_tp, ERR));
   CHECK_OK(dsd_tensor_release(t_sub, ERR));
   CHECK_OK(dsd_layout_release(l_hsdp, ERR));
   CHECK_OK(dsd_layout_release(l_tp, ERR));
   CHECK_OK(dsd_layout_release(l_ss, ERR));
   CHECK_OK(dsd_layout_release(l_sub, ERR));
-  dsd_mesh_free(sub);
-  dsd_mesh_free(mesh);
-  dsd_comm_free(comm);
+  dsd_mesh_release(sub);
+  dsd_mesh_release(mesh);
+  dsd_comm_release(comm);
   CHECK_DONE();
 }

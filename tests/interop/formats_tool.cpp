@@ -30,7 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "core/base/format.h"
+#include "core/base/make_error.h"
 #include "core/formats/dcp_chunks.h"
 #include "core/formats/dcp_metadata.h"
 #include "core/formats/pickle.h"
@@ -142,13 +142,13 @@ class Describer {
   std::unordered_map<const void*, size_t> storage_ids_;
 };
 
-json path_json(const std::vector<dsd::dcp::PathSegment>& path) {
+json path_json(const dsd::Path& path) {
   json out = json::array();
   for (const auto& s : path) {
-    if (std::holds_alternative<std::string>(s)) {
-      out.push_back(std::get<std::string>(s));
+    if (const auto* k = s.if_key()) {
+      out.push_back(*k);
     } else {
-      out.push_back(std::get<int64_t>(s));
+      out.push_back(*s.if_index());
     }
   }
   return out;
@@ -271,11 +271,7 @@ json dcp_read(const std::string& dir) {
   }
   std::vector<std::pair<std::string, dsd::Path>> mapping;
   if (m.planner_data) {
-    for (const auto& [fqn, path] : *m.planner_data) {
-      dsd::Path p;
-      for (const auto& s : path) p.push_back(dsd::PathSegment{s});
-      mapping.emplace_back(fqn, std::move(p));
-    }
+    for (const auto& [fqn, path] : *m.planner_data) mapping.emplace_back(fqn, path);
   }
   dsd::DictPtr nested = check(dsd::unflatten_state_dict(flat, mapping));
   Describer describer;
@@ -338,13 +334,7 @@ void dcp_write(const std::string& in, const std::string& dir, int64_t chunks, si
     }
     m.state_dict_metadata.emplace_back(key, std::move(md));
   }
-  std::vector<std::pair<std::string, std::vector<dsd::dcp::PathSegment>>> planner;
-  for (const auto& [key, path] : flat.mapping) {
-    std::vector<dsd::dcp::PathSegment> segments;
-    for (const auto& s : path) segments.push_back(s.v);
-    planner.emplace_back(key, std::move(segments));
-  }
-  m.planner_data = std::move(planner);
+  m.planner_data = flat.mapping;
   m.storage_meta = dsd::dcp::StorageMeta{dir, "dsd-formats-tool", std::nullopt, {}};
   m.version = std::string(dsd::dcp::kCurrentVersion);
   for (const DataFile& f : data) write_file(dir + "/" + f.name, f.bytes);

@@ -223,28 +223,46 @@ def test_dcp_verify_and_bad_metadata(tmp_path, dcp_world1):
         dsd.verify(ckpt)
 
 
-def test_save_options_format_field_and_old_struct_sizes(tmp_path):
+def test_save_options_format_field_and_struct_sizes(tmp_path):
     from dsd import ffi, lib
     sd = {"a": torch.arange(4.0)}
     dsd.save(sd, tmp_path / "async_ck", format="dcp")  # and asynchronously:
     dsd.async_save(sd, tmp_path / "async", format="dcp").result(timeout=60)
     assert dsd.detect_format(tmp_path / "async") == "dcp"
     assert torch.equal(dsd.load_full(tmp_path / "async")["a"], sd["a"])
-    o = ffi.new("dsd_save_options*")
-    lib.dsd_save_options_init(o)
-    assert o.format == lib.DSD_FORMAT_DSD and o.struct_size == ffi.sizeof("dsd_save_options")
-    # A caller built against the header before `format` existed passes a smaller struct: the
-    # field is not read, the default (dsd) applies.
-    o.format = lib.DSD_FORMAT_DCP
-    o.struct_size = ffi.offsetof("dsd_save_options", "format")
+    size = ffi.sizeof("dsd_checkpoint_save_options")
+    o = ffi.new("dsd_checkpoint_save_options*")
+    lib.dsd_checkpoint_save_options_init(o)
+    assert o.format == lib.DSD_FORMAT_DSD and o.struct_size == size
     tree = dsd.StateDict.from_python(sd)
-    err = ffi.new("dsd_error**")
-    assert lib.dsd_save(ffi.NULL, tree.ptr, str(tmp_path / "old").encode(), o, err) == lib.DSD_OK
-    assert dsd.detect_format(tmp_path / "old") == "dsd"
-    o.struct_size = ffi.sizeof("dsd_save_options")
+
+    def save(options, name):
+        err = ffi.new("dsd_error**")
+        status = lib.dsd_checkpoint_save(ffi.NULL, tree.ptr, str(tmp_path / name).encode(), options, err)
+        message = "" if err[0] == ffi.NULL else ffi.string(lib.dsd_error_message(err[0])).decode()
+        lib.dsd_error_free(err[0])
+        return status, message
+
+    # ABI 1.0 has one version of the struct: a smaller struct_size is none, and refused.
+    o.format = lib.DSD_FORMAT_DCP
+    o.struct_size = ffi.offsetof("dsd_checkpoint_save_options", "format")
+    status, message = save(o, "short")
+    assert status == lib.DSD_E_INVALID_ARGUMENT and "struct_size" in message, message
+    # A newer header's larger struct is read when the bytes this library does not know are
+    # zero, and refused when they are not.
+    big = ffi.new("char[]", size + 8)
+    o.struct_size = size + 8
+    ffi.memmove(big, o, size)
+    assert save(ffi.cast("dsd_checkpoint_save_options*", big), "newer") == (lib.DSD_OK, "")
+    assert dsd.detect_format(tmp_path / "newer") == "dcp"
+    big[size + 3] = b"\x01"
+    status, message = save(ffi.cast("dsd_checkpoint_save_options*", big), "unknown")
+    assert status == lib.DSD_E_UNSUPPORTED, message
+    o.struct_size = size
     o.format = lib.DSD_FORMAT_TORCH
-    assert lib.dsd_save(ffi.NULL, tree.ptr, str(tmp_path / "bad").encode(), o, err) == lib.DSD_E_INVALID_ARGUMENT
-    assert "is not DSD_FORMAT_DSD or DSD_FORMAT_DCP" in ffi.string(lib.dsd_error_message(err[0])).decode()
-    lib.dsd_error_free(err[0])
+    status, message = save(o, "bad")
+    assert status == lib.DSD_E_INVALID_ARGUMENT and "is not DSD_FORMAT_DSD or DSD_FORMAT_DCP" in message
+    o.format = 0
+    assert save(o, "zero")[0] == lib.DSD_E_INVALID_ARGUMENT  # 0 is never a valid enum value
     with pytest.raises(ValueError, match="unknown format 'zip'"):
         dsd.save(sd, tmp_path / "zip", format="zip")

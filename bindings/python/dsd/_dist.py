@@ -10,21 +10,19 @@ from __future__ import annotations
 import datetime
 import weakref
 
-from . import _tensor
-from ._errors import HandleError, call
-from ._lib import ffi, lib
+from . import _capi, _tensor
+from ._capi import CData
+from ._errors import HandleError
 from ._tensor import Tensor
 
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
-def _options(timeout):
-    o = ffi.new("dsd_comm_options*")
-    lib.dsd_comm_options_init(o)
-    if timeout is not None:
-        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
-        o.timeout_ms = int(round(seconds * 1000))
-    return o
+def _timeout_ms(timeout) -> int | None:
+    if timeout is None:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+    return int(round(seconds * 1000))
 
 
 class Communicator:
@@ -32,76 +30,62 @@ class Communicator:
 
     Constructors are collective: every rank calls them in the same order. A peer that dies
     or does not come turns into a dsd.Error (code DSD_E_COMM or DSD_E_TIMEOUT) within
-    `timeout` (seconds or a timedelta; PyTorch's 30 minutes by default), never a hang."""
+    `timeout` (seconds or a timedelta; PyTorch's 30 minutes by default), never a hang.
 
-    __slots__ = ("_ptr", "__weakref__")
+    dsd.async_save(..., comm=c) saves through one dsd.AsyncCheckpointer per communicator,
+    made on its first use and closed with the communicator."""
 
-    def __init__(self, ptr):
-        self._ptr = ffi.gc(ptr, lib.dsd_comm_free)
+    __slots__ = ("_ptr", "async_checkpointer", "__weakref__")
+
+    def __init__(self, ptr: CData):
+        """`ptr`: an owned dsd_comm* from _capi (this object takes it over)."""
+        self._ptr = ptr
+        self.async_checkpointer = None  # set by dsd.async_save on first use
 
     @property
-    def ptr(self):
+    def ptr(self) -> CData:
         return self._ptr
 
     @classmethod
     def from_env(cls, timeout=_DEFAULT_TIMEOUT) -> "Communicator":
         """From the launcher's variables: torchrun/dsdrun (RANK, WORLD_SIZE, MASTER_ADDR,
         MASTER_PORT), mpirun (OMPI_COMM_WORLD_*) or srun (SLURM_*)."""
-        out = ffi.new("dsd_comm**")
-        call(lib.dsd_comm_new_from_env, _options(timeout), out)
-        return cls(out[0])
+        return cls(_capi.comm_new_from_env(_timeout_ms(timeout)))
 
     @classmethod
     def file_store(cls, path: str, rank: int, size: int, timeout=_DEFAULT_TIMEOUT) -> "Communicator":
         """Rendezvous through a file every rank can open (tests, one machine)."""
-        out = ffi.new("dsd_comm**")
-        call(lib.dsd_comm_new_file_store, str(path).encode(), rank, size, _options(timeout), out)
-        return cls(out[0])
+        return cls(_capi.comm_new_file_store(str(path), rank, size, _timeout_ms(timeout)))
 
     @classmethod
     def from_nccl(cls, nccl_comm: int, cuda_stream: int, rank: int, size: int,
                   timeout=_DEFAULT_TIMEOUT) -> "Communicator":
         """Over a caller-owned ncclComm_t and cudaStream_t (addresses as ints; 0 is the default
         stream), which must outlive everything that uses this communicator."""
-        out = ffi.new("dsd_comm**")
-        call(lib.dsd_comm_new_nccl, ffi.cast("void*", nccl_comm), ffi.cast("void*", cuda_stream),
-             rank, size, _options(timeout), out)
-        return cls(out[0])
+        return cls(_capi.comm_new_nccl(nccl_comm, cuda_stream, rank, size, _timeout_ms(timeout)))
 
     @classmethod
     def local(cls) -> "Communicator":
         """A world of one rank."""
-        out = ffi.new("dsd_comm**")
-        call(lib.dsd_comm_new_local, out)
-        return cls(out[0])
+        return cls(_capi.comm_new_local())
 
     @property
     def rank(self) -> int:
-        out = ffi.new("int32_t*")
-        call(lib.dsd_comm_rank, self._ptr, out)
-        return int(out[0])
+        return _capi.comm_rank(self._ptr)
 
     @property
     def size(self) -> int:
-        out = ffi.new("int32_t*")
-        call(lib.dsd_comm_size, self._ptr, out)
-        return int(out[0])
+        return _capi.comm_size(self._ptr)
 
     @property
     def backend(self) -> str:
-        out = ffi.new("char**")
-        call(lib.dsd_comm_backend, self._ptr, out)
-        return ffi.string(out[0]).decode()
+        return _capi.comm_backend(self._ptr)
 
     def barrier(self) -> None:
-        call(lib.dsd_comm_barrier, self._ptr)
+        _capi.comm_barrier(self._ptr)
 
     def __repr__(self) -> str:
         return f"dsd.Communicator({self.backend}, rank {self.rank} of {self.size})"
-
-
-_DEVICE_TYPES = {"cpu": 1, "cuda": 2}
-_DEVICE_NAMES = {v: k for k, v in _DEVICE_TYPES.items()}
 
 
 class DeviceMesh:
@@ -109,23 +93,17 @@ class DeviceMesh:
 
     __slots__ = ("_ptr",)
 
-    def __init__(self, ptr):
-        self._ptr = ffi.gc(ptr, lib.dsd_mesh_free)
+    def __init__(self, ptr: CData):
+        """`ptr`: an owned dsd_mesh* from _capi (this object takes it over)."""
+        self._ptr = ptr
 
     @property
-    def ptr(self):
+    def ptr(self) -> CData:
         return self._ptr
 
     @classmethod
     def new(cls, comm: Communicator, shape, ranks=None, device_type: str = "cpu") -> "DeviceMesh":
-        if device_type not in _DEVICE_TYPES:
-            raise ValueError(f"device type {device_type!r} has no dsd mesh (cpu or cuda)")
-        shape = [int(s) for s in shape]
-        c_ranks = ffi.NULL if ranks is None else ffi.new("int64_t[]", [int(r) for r in ranks])
-        out = ffi.new("dsd_mesh**")
-        call(lib.dsd_mesh_new, comm.ptr, ffi.new("int64_t[]", shape), len(shape), c_ranks,
-             _DEVICE_TYPES[device_type], out)
-        return cls(out[0])
+        return cls(_capi.mesh_new(comm.ptr, shape, ranks, device_type))
 
     @classmethod
     def from_torch(cls, mesh, comm: Communicator) -> "DeviceMesh":
@@ -135,35 +113,20 @@ class DeviceMesh:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        n = ffi.new("size_t*")
-        call(lib.dsd_mesh_ndim, self._ptr, n)
-        out = ffi.new("int64_t[]", n[0])
-        call(lib.dsd_mesh_shape, self._ptr, out, n[0])
-        return tuple(out)
+        return _capi.mesh_shape(self._ptr)
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        count = 1
-        for s in self.shape:
-            count *= s
-        out = ffi.new("int64_t[]", count)
-        call(lib.dsd_mesh_ranks, self._ptr, out, count)
-        return tuple(out)
+        return _capi.mesh_ranks(self._ptr)
 
     @property
     def device_type(self) -> str:
-        out = ffi.new("int32_t*")
-        call(lib.dsd_mesh_device_type, self._ptr, out)
-        return _DEVICE_NAMES[out[0]]
+        return _capi.mesh_device_type(self._ptr)
 
     @property
     def coordinate(self) -> tuple[int, ...] | None:
         """This rank's coordinate in the mesh, or None when it is not part of it."""
-        n = len(self.shape)
-        out = ffi.new("int64_t[]", n)
-        inside = ffi.new("bool*")
-        call(lib.dsd_mesh_coordinate, self._ptr, out, n, inside)
-        return tuple(out) if inside[0] else None
+        return _capi.mesh_coordinate(self._ptr)
 
     def key(self) -> tuple:
         """What identifies the mesh: (device type, shape, ranks)."""
@@ -181,84 +144,47 @@ class Layout:
     @classmethod
     def placements_on(cls, mesh: DeviceMesh, global_shape, placements) -> "Layout":
         """`placements`: one per mesh dimension, ("shard", dim) or ("replicate",)."""
-        shape = [int(s) for s in global_shape]
-        ps = ffi.new("dsd_placement[]", len(placements) or 1)
-        for i, p in enumerate(placements):
-            if p[0] == "shard":
-                ps[i].kind, ps[i].dim = lib.DSD_PLACEMENT_SHARD, int(p[1])
-            elif p[0] == "replicate":
-                ps[i].kind, ps[i].dim = lib.DSD_PLACEMENT_REPLICATE, 0
-            else:
-                raise ValueError(f"unknown placement {p!r}")
-        out = ffi.new("dsd_layout*")
-        call(lib.dsd_layout_new_placements, mesh.ptr, ffi.new("int64_t[]", shape or [0]), len(shape),
-             ps, len(placements), out)
-        return cls(out[0].bits)
+        return cls(_capi.layout_new_placements(mesh.ptr, global_shape, placements))
 
     @classmethod
     def chunk_on(cls, mesh: DeviceMesh, global_shape, offsets, sizes) -> "Layout":
         """Custom sharding: this rank holds the box (offsets, sizes)."""
-        n = len(global_shape)
-        out = ffi.new("dsd_layout*")
-        call(lib.dsd_layout_new_chunk, mesh.ptr, ffi.new("int64_t[]", list(global_shape) or [0]), n,
-             ffi.new("int64_t[]", list(offsets) or [0]), ffi.new("int64_t[]", list(sizes) or [0]), out)
-        return cls(out[0].bits)
+        return cls(_capi.layout_new_chunk(mesh.ptr, global_shape, offsets, sizes))
 
     @property
     def bits(self) -> int:
         if self._bits == 0:
-            raise HandleError(lib.DSD_E_STALE_HANDLE, "layout handle was released")
+            raise HandleError(_capi.E_STALE_HANDLE, "layout handle was released")
         return self._bits
 
     @property
-    def handle(self):
-        return ffi.new("dsd_layout*", {"bits": self.bits})[0]
-
-    @property
     def ndim(self) -> int:
-        out = ffi.new("size_t*")
-        call(lib.dsd_layout_ndim, self.handle, out)
-        return int(out[0])
+        return _capi.layout_ndim(self.bits)
 
     @property
     def global_shape(self) -> tuple[int, ...]:
-        n = self.ndim
-        out = ffi.new("int64_t[]", max(n, 1))
-        call(lib.dsd_layout_global_shape, self.handle, out, n)
-        return tuple(out[0:n])
+        return _capi.layout_global_shape(self.bits)
 
     def local_chunk(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(offsets, sizes) of the box this rank holds; all zeros outside the mesh."""
-        n = self.ndim
-        offs = ffi.new("int64_t[]", max(n, 1))
-        sizes = ffi.new("int64_t[]", max(n, 1))
-        call(lib.dsd_layout_local_chunk, self.handle, offs, sizes, n)
-        return tuple(offs[0:n]), tuple(sizes[0:n])
+        return _capi.layout_local_chunk(self.bits)
 
     @property
     def is_chunk(self) -> bool:
-        out = ffi.new("bool*")
-        call(lib.dsd_layout_is_chunk, self.handle, out)
-        return bool(out[0])
+        return _capi.layout_is_chunk(self.bits)
 
     @property
     def mesh(self) -> DeviceMesh:
-        out = ffi.new("dsd_mesh**")
-        call(lib.dsd_layout_mesh, self.handle, out)
-        return DeviceMesh(out[0])
+        return DeviceMesh(_capi.layout_mesh(self.bits))
 
     @property
     def placements(self) -> list[tuple]:
-        n = len(self.mesh.shape)
-        out = ffi.new("dsd_placement[]", n)
-        call(lib.dsd_layout_placements, self.handle, out, n)
-        return [("shard", out[i].dim) if out[i].kind == lib.DSD_PLACEMENT_SHARD else ("replicate",)
-                for i in range(n)]
+        return _capi.layout_placements(self.bits)
 
     def release(self) -> None:
         if self._bits:
             bits, self._bits = self._bits, 0
-            call(lib.dsd_layout_release, ffi.new("dsd_layout*", {"bits": bits})[0])
+            _capi.layout_release(bits)
 
     def __del__(self):
         try:

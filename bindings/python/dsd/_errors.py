@@ -1,7 +1,7 @@
-"""dsd.Error and its subclasses, raised for every failing C call."""
+"""dsd.Error and its subclasses, raised for every failing C call (by _capi)."""
 from __future__ import annotations
 
-from ._lib import ffi, lib
+from ._lib import lib  # for the DSD_E_* constants only
 
 
 class Error(RuntimeError):
@@ -9,9 +9,11 @@ class Error(RuntimeError):
     the key or file concerned ("" if none)."""
 
     def __init__(self, code: int, message: str, context: str = ""):
+        from ._capi import status_name  # noqa: PLC0415 - _capi imports this module
+
         super().__init__(message)
         self.code = code
-        self.code_name = ffi.string(lib.dsd_status_name(code)).decode()
+        self.code_name = status_name(code)
         self.context = context
 
 
@@ -50,30 +52,6 @@ _BY_CODE = {
 }
 
 
-class _ErrorSlot:
-    """A `dsd_error**` for one call; raises and frees the error when the call failed."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self):
-        self.ptr = ffi.new("dsd_error**")
-
-    def check(self, status: int) -> None:
-        if status == lib.DSD_OK:
-            return
-        err = self.ptr[0]
-        if err == ffi.NULL:
-            raise Error(status, f"dsd call failed with status {status}")
-        try:
-            message = ffi.string(lib.dsd_error_message(err)).decode("utf-8", "replace")
-            context = ffi.string(lib.dsd_error_context(err)).decode("utf-8", "replace")
-        finally:
-            lib.dsd_error_free(err)
-            self.ptr[0] = ffi.NULL
-        raise _BY_CODE.get(status, Error)(status, message, context)
-
-
-def call(fn, *args):
-    """Calls a fallible C function with a fresh error slot appended; raises on failure."""
-    slot = _ErrorSlot()
-    slot.check(fn(*args, slot.ptr))
+def error_for(code: int, message: str, context: str = "") -> Error:
+    """The exception for a failing status: the subclass its code maps to, else Error."""
+    return _BY_CODE.get(code, Error)(code, message, context)

@@ -2,7 +2,8 @@
 
 The library is found, in order: at $DSD_LIBRARY; next to this package (an installed wheel);
 in the build tree ($DSD_BUILD_DIR, else <repo>/build). The header is read from next to this
-package or from the source tree. A library of another ABI major version is refused.
+package or from the source tree. Nothing here calls the library: _capi does (and refuses a
+library of another ABI major version when it is imported).
 """
 from __future__ import annotations
 
@@ -45,8 +46,3 @@ with open(_find_header(), encoding="utf-8") as _f:
 library_path = _find_library()
 lib = ffi.dlopen(library_path)
 
-_major = lib.dsd_abi_version() >> 16
-if _major != lib.DSD_ABI_VERSION_MAJOR:
-    raise ImportError(
-        f"dsd: {library_path} has ABI {_major}.x, these bindings need "
-        f"{lib.DSD_ABI_VERSION_MAJOR}.x")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import ctypes
 
-from ._errors import Error, call
-from ._lib import ffi, lib
+from . import _capi
+from ._errors import HandleError
 
 # Capsule names must outlive every capsule: module-level bytes objects.
 _NAME_V0 = b"dltensor"
@@ -34,14 +34,13 @@ _Destructor = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _free_unused_v1(capsule):
     # Called when a capsule we made is collected; if no consumer took it, its tensor is ours.
     if _capsule_is_valid_raw(capsule, _NAME_V1):
-        lib.dsd_dlpack_versioned_free(
-            ffi.cast("struct DLManagedTensorVersioned*", _capsule_get_raw(capsule, _NAME_V1)))
+        _capi.dlpack_versioned_free(_capsule_get_raw(capsule, _NAME_V1))
 
 
 @_Destructor
 def _free_unused_v0(capsule):
     if _capsule_is_valid_raw(capsule, _NAME_V0):
-        lib.dsd_dlpack_free(ffi.cast("struct DLManagedTensor*", _capsule_get_raw(capsule, _NAME_V0)))
+        _capi.dlpack_free(_capsule_get_raw(capsule, _NAME_V0))
 
 
 _free_v1_ptr = ctypes.cast(_free_unused_v1, ctypes.c_void_p)
@@ -51,18 +50,15 @@ _free_v0_ptr = ctypes.cast(_free_unused_v0, ctypes.c_void_p)
 def handle_from_capsule(capsule) -> int:
     """Takes a DLPack capsule (v1 "dltensor_versioned" or v0 "dltensor"), marks it used, and
     returns a new tensor handle's bits. dsd owns the tensor from then on."""
-    out = ffi.new("dsd_tensor*")
     if _capsule_is_valid(capsule, _NAME_V1):
         ptr = _capsule_get(capsule, _NAME_V1)
         _capsule_set_name(capsule, _USED_V1)
-        call(lib.dsd_tensor_from_dlpack_versioned, ffi.cast("struct DLManagedTensorVersioned*", ptr), out)
-    elif _capsule_is_valid(capsule, _NAME_V0):
+        return _capi.tensor_from_dlpack_versioned(ptr)
+    if _capsule_is_valid(capsule, _NAME_V0):
         ptr = _capsule_get(capsule, _NAME_V0)
         _capsule_set_name(capsule, _USED_V0)
-        call(lib.dsd_tensor_from_dlpack, ffi.cast("struct DLManagedTensor*", ptr), out)
-    else:
-        raise TypeError("expected an unused DLPack capsule ('dltensor_versioned' or 'dltensor')")
-    return out[0].bits
+        return _capi.tensor_from_dlpack(ptr)
+    raise TypeError("expected an unused DLPack capsule ('dltensor_versioned' or 'dltensor')")
 
 
 def handle_from_tensor(tensor, versioned: bool = True) -> int:
@@ -78,14 +74,9 @@ def handle_from_tensor(tensor, versioned: bool = True) -> int:
 
 def capsule_from_handle(bits: int, versioned: bool = True):
     """A new DLPack capsule of a handle's tensor (the handle stays valid)."""
-    h = ffi.new("dsd_tensor*", {"bits": bits})[0]
     if versioned:
-        out = ffi.new("struct DLManagedTensorVersioned**")
-        call(lib.dsd_tensor_to_dlpack_versioned, h, out)
-        return _capsule_new(int(ffi.cast("uintptr_t", out[0])), _NAME_V1, _free_v1_ptr)
-    out = ffi.new("struct DLManagedTensor**")
-    call(lib.dsd_tensor_to_dlpack, h, out)
-    return _capsule_new(int(ffi.cast("uintptr_t", out[0])), _NAME_V0, _free_v0_ptr)
+        return _capsule_new(_capi.tensor_to_dlpack_versioned(bits), _NAME_V1, _free_v1_ptr)
+    return _capsule_new(_capi.tensor_to_dlpack(bits), _NAME_V0, _free_v0_ptr)
 
 
 class _Carrier:
@@ -104,10 +95,8 @@ class _Carrier:
         return self._device
 
 
-def info(bits: int):
-    out = ffi.new("dsd_tensor_info*")
-    call(lib.dsd_tensor_info_get, ffi.new("dsd_tensor*", {"bits": bits})[0], out)
-    return out[0]
+def info(bits: int) -> _capi.TensorInfo:
+    return _capi.tensor_info_get(bits)
 
 
 def tensor_from_handle(bits: int):
@@ -119,7 +108,7 @@ def tensor_from_handle(bits: int):
 
 
 def release(bits: int) -> None:
-    call(lib.dsd_tensor_release, ffi.new("dsd_tensor*", {"bits": bits})[0])
+    _capi.tensor_release(bits)
 
 
 class Tensor:
@@ -141,7 +130,7 @@ class Tensor:
     @property
     def bits(self) -> int:
         if self._bits == 0:
-            raise Error(lib.DSD_E_STALE_HANDLE, "tensor handle was released")
+            raise HandleError(_capi.E_STALE_HANDLE, "tensor handle was released")
         return self._bits
 
     def to_torch(self):
@@ -150,7 +139,7 @@ class Tensor:
     def to_capsule(self, versioned: bool = True):
         return capsule_from_handle(self.bits, versioned)
 
-    def info(self):
+    def info(self) -> _capi.TensorInfo:
         return info(self.bits)
 
     def release(self) -> None:

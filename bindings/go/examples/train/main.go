@@ -161,7 +161,7 @@ func (tr *trainer) close() {
 		p.handle.Release()
 		for _, b := range []*dsd.HostBuffer{p.w, p.m, p.v, p.step} {
 			if b != nil {
-				b.Free()
+				b.Close()
 			}
 		}
 	}
@@ -211,7 +211,9 @@ func main() {
 	// Load a's state into b: copied into b's own buffers, hyperparameters into b's dict.
 	incompatible, err := dsd.SetStateDict(b.model, []*dsd.Optim{b.optim}, msd, osd, nil)
 	check(err)
-	missing, unexpected, err := incompatible.Count()
+	missing, err := incompatible.Count(dsd.KeysMissing)
+	check(err)
+	unexpected, err := incompatible.Count(dsd.KeysUnexpected)
 	check(err)
 	incompatible.Close()
 	b.syncHyper()

@@ -1,0 +1,75 @@
+// The storage reader of both checkpoint formats, as DCP's FileSystemReader: carries out a
+// load plan's ReadItems (load_planner.h). Each saved chunk's needed blocks are read in
+// parallel work units, straight into the destination where a step lies inside one run, else
+// through a bounce buffer; dsd chunks are verified block by block against their checksums
+// on the way. A DCP chunk is first located inside its torch.save archive (source.h).
+//
+// Not thread-safe: one reader serves one load (its own threads inside run() aside).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/base/result.h"
+#include "core/checkpoint/io.h"
+#include "core/checkpoint/load_planner.h"
+#include "core/checkpoint/source.h"
+
+namespace dsd::checkpoint {
+
+class StorageReader {
+ public:
+  // `source` is borrowed and must outlive the reader. `verify`: check block checksums (dsd),
+  // and the whole-chunk checksum of each chunk read in full.
+  StorageReader(const Source& source, bool verify);
+
+  // Adds the reads of `items` (in parallel for DCP chunks: each one opens its archive).
+  Status add(const std::vector<ReadItem>& items, int threads);
+  // Reads everything added on up to `threads` threads; adds the bytes read to `bytes_read`.
+  // kCorrupt naming file and key on a checksum mismatch or a truncated file.
+  Status run(int threads, uint64_t& bytes_read);
+
+ private:
+  struct ChunkRead {
+    const Entry* entry;
+    const ChunkRecord* chunk;
+    std::vector<Run> runs;  // sorted by src, disjoint
+    // The whole saved chunk, already in memory (a DCP chunk that cannot be read raw): the runs
+    // are copied from it instead of read from the file.
+    at::Tensor memory;
+  };
+  // Blocks [first_block, end_block) of read `read`: what one thread reads in one go.
+  struct Unit {
+    size_t read;
+    uint64_t first_block;
+    uint64_t end_block;
+  };
+
+  // Opens (once) the file of a chunk and checks it is not shorter than the manifest says; a
+  // dsd source's files are the descriptors it was validated with (source.h).
+  Status open(const std::string& name, uint64_t expected_size);
+  // The whole-chunk checksum of every dsd chunk read in full (its runs cover all its bytes),
+  // over the bytes as they now lie in their destinations.
+  Status check_whole_chunks(int threads) const;
+  void add_read(ChunkRead r);
+  // Keeps a chunk record made during planning (a DCP chunk's located raw range) alive for
+  // the reads that point at it.
+  const ChunkRecord* keep(ChunkRecord r) { return &kept_.emplace_back(std::move(r)); }
+  Status read_unit(const ChunkRead& r, const Unit& u, char* bounce, uint64_t& bytes) const;
+
+  const Source& source_;
+  std::string dir_;
+  uint64_t block_size_;
+  bool verify_;
+  std::unordered_map<std::string, const File*> files_;
+  std::deque<File> owned_files_;  // files this reader opened itself (DCP)
+  std::vector<ChunkRead> reads_;
+  std::deque<ChunkRecord> kept_;
+};
+
+}  // namespace dsd::checkpoint

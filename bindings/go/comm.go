@@ -252,8 +252,8 @@ func (c *Comm) Backend() (string, error) {
 	return s, nil
 }
 
-// Barrier returns once every rank has called it (dsd_comm_barrier). Collective. It is
-// BarrierContext with a context that never ends.
+// Barrier returns once every rank has called it (dsd_comm_barrier); at once for a nil Comm
+// (a single process). Collective. It is BarrierContext with a context that never ends.
 func (c *Comm) Barrier() error { return c.BarrierContext(context.Background()) }
 
 // BarrierContext is Barrier bounded by ctx. A barrier cannot be interrupted inside C, so:
@@ -274,9 +274,11 @@ func (c *Comm) BarrierContext(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if c == nil || c.ptr == nil {
-		var e *C.dsd_error
-		return wrap(C.dsd_comm_barrier(commPtr(c), &e), e)
+	if c == nil {
+		return nil // a single process
+	}
+	if c.ptr == nil {
+		return errClosedComm()
 	}
 	if err := c.acquire(ctx); err != nil {
 		return err

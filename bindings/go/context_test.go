@@ -202,3 +202,32 @@ func TestContextBarrier(t *testing.T) {
 	must(t, comm.Close())
 	expectError(t, comm.BarrierContext(ctx), dsd.ErrInvalidArgument, "")
 }
+
+// TestTwoRanksContext runs under `dsdrun -n 2`: rank 1 comes to a barrier late; rank 0's
+// BarrierContext returns context.DeadlineExceeded promptly, and its next Barrier waits for
+// the abandoned one, so both ranks' barriers stay matched.
+func TestTwoRanksContext(t *testing.T) {
+	if os.Getenv("WORLD_SIZE") != "2" {
+		t.Skip("needs two ranks: run this binary under dsdrun -n 2 with -test.run TestTwoRanksContext")
+	}
+	copts := dsd.DefaultCommOptions()
+	copts.Timeout = 60 * time.Second
+	comm, err := dsd.NewCommFromEnv(&copts)
+	must(t, err)
+	defer comm.Close()
+	must(t, comm.Barrier())
+	if comm.Rank() == 1 {
+		time.Sleep(time.Second)
+		must(t, comm.Barrier()) // rank 0's abandoned barrier
+		must(t, comm.Barrier()) // rank 0's second
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	expectCtxErr(t, "BarrierContext while the peer sleeps", comm.BarrierContext(ctx), context.DeadlineExceeded)
+	if e := time.Since(start); e > 700*time.Millisecond {
+		t.Errorf("BarrierContext returned %v after a 100 ms deadline", e)
+	}
+	must(t, comm.Barrier())
+}

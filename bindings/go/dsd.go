@@ -25,8 +25,8 @@
 // # Lifetimes
 //
 // Root objects (*StateDict, *Model, *Optim, *Comm, *Mesh, *Future, *IncompatibleKeys
-// (alias *LoadReport), *AsyncCheckpointer, *CheckpointManager) have a Close method,
-// idempotent, and a finalizer that closes them if they are dropped unclosed; a method
+// (alias *LoadReport), *AsyncCheckpointer, *CheckpointManager, and the Go-side *HostBuffer)
+// have a Close() error method, so they are io.Closers, idempotent, and a finalizer that closes them if they are dropped unclosed; a method
 // called after Close fails with ErrInvalidArgument (the C function sees NULL). Close is
 // the C _release of the reference-counted roots (state dicts, communicators, meshes: each
 // Go object holds one reference) and the C _free of the others. Tensor and Layout are value handles, as
@@ -34,6 +34,16 @@
 // zero handle is an error (ErrStaleHandle), never undefined behaviour. They have no
 // finalizer, since a finalizer on a copyable value would release the handle while copies
 // are still in use.
+//
+// # Contexts
+//
+// The blocking calls have a context.Context form: SaveContext, LoadContext,
+// Future.WaitContext, Comm.BarrierContext. A call given an ended context starts nothing and
+// returns ctx.Err(). Work inside C cannot be interrupted, so a context that ends while a
+// call runs abandons the wait where that is safe (Future.WaitContext, SaveContext after its
+// staging copy, BarrierContext), returning ctx.Err() at once while the work goes on in the
+// background, and is only checked before starting where it is not (LoadContext, which
+// writes into the caller's tensors). Each function's comment says which.
 //
 // # Memory lent to dsd
 //

@@ -35,10 +35,17 @@ dsd_status guard(dsd_error** err, F&& body) noexcept {
     Status s = body();
     if (s.ok()) return DSD_OK;
     return fail(err, std::move(s).error());
+  } catch (const c10::OutOfMemoryError& e) {
+    return fail(err, Error(Code::kOutOfMemory, std::string("out of memory: ") + e.what_without_backtrace()));
   } catch (const c10::Error& e) {
-    return fail(err, Error(Code::kInternal, std::string("libtorch: ") + e.what_without_backtrace()));
+    // libtorch's CPU allocator reports a failed allocation as a plain c10::Error.
+    const std::string what = e.what_without_backtrace();
+    if (what.find("not enough memory") != std::string::npos) {
+      return fail(err, Error(Code::kOutOfMemory, "out of memory: " + what));
+    }
+    return fail(err, Error(Code::kInternal, "libtorch: " + what));
   } catch (const std::bad_alloc&) {
-    return fail(err, Error(Code::kOutOfMemory, "out of memory"));
+    return fail(err, Error(Code::kOutOfMemory, "out of memory (an allocation failed)"));
   } catch (const std::exception& e) {
     return fail(err, Error(Code::kInternal, e.what()));
   } catch (...) {

@@ -1,6 +1,12 @@
 #include "core/checkpoint/manager.h"
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 
 #include "core/base/make_error.h"
@@ -28,6 +34,39 @@ Result<std::vector<StepDir>> scan(const std::string& root) {
   return out;
 }
 
+// Retention's removal of a step directory, under the save lock (save.cpp: an exclusive flock
+// on the directory): a directory another process is saving into right now (another manager
+// on this root, a save still writing an older step) is left alone, never deleted under it.
+Status remove_unless_saving(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+    ::close(fd);
+    return ok();
+  }
+  Status st = remove_tree(dir);
+  if (fd >= 0) ::close(fd);
+  return st;
+}
+
+// Temporary `latest` files (io.cpp's write_file_atomic: "latest.tmp-<pid>-<n>") of a
+// manager killed between writing and renaming one. Removed when their process is gone from
+// this host (kill(pid, 0) fails with ESRCH); another live manager's are left alone.
+void remove_orphan_latest_tmps(const std::string& root) {
+  auto names = list_dir(root);
+  if (!names.ok()) return;
+  const std::string prefix = std::string(kLatestName) + ".tmp-";
+  for (const std::string& n : *names) {
+    if (!n.starts_with(prefix)) continue;
+    long pid = 0;
+    const char* b = n.data() + prefix.size();
+    auto [p, ec] = std::from_chars(b, n.data() + n.size(), pid);
+    if (ec != std::errc() || p == b || pid <= 0) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      (void)remove_file(join(root, n));
+    }
+  }
+}
+
 }  // namespace
 
 std::optional<int64_t> parse_step_dir(std::string_view name) {
@@ -52,6 +91,7 @@ Status CheckpointManager::after_commit(Communicator& comm, int64_t step) const {
   Status st = ok();
   if (comm.rank() == 0) {
     st = write_file_atomic(root_, kLatestName, fmt::format("step_{}\n", step));
+    if (st.ok()) remove_orphan_latest_tmps(root_);
     if (st.ok() && keep_last_ > 0) {
       auto dirs = scan(root_);
       if (!dirs.ok()) {
@@ -66,7 +106,7 @@ Status CheckpointManager::after_commit(Communicator& comm, int64_t step) const {
           if (it->step > step) continue;  // newer than this save: not ours to judge
           const bool keep = it->complete && kept < keep_last_;
           if (keep) ++kept;
-          else st = remove_tree(step_path(it->step));
+          else st = remove_unless_saving(step_path(it->step));
         }
       }
     }

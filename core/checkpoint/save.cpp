@@ -4,9 +4,15 @@
 // coordinator commits from every rank's write results, and the ranks agree again.
 #include "core/checkpoint/save.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <fmt/ranges.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <random>
 
 #include "core/base/make_error.h"
@@ -34,6 +40,50 @@ std::string new_save_id() {
                      static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   return hex64(v);
 }
+
+// The writer lock of a checkpoint directory: an exclusive flock() on the directory itself
+// (an O_DIRECTORY descriptor), taken without waiting by the coordinator before it prepares
+// the directory and held until the save returns (an async save: until its background write
+// ends). A second save to the same path from any process on the host (or on a file system
+// whose flock works across clients) fails at once with kExists instead of interleaving its
+// data files and cleanup with the first one's. flock(), not a lock file created with
+// O_EXCL: the kernel drops it when the holder dies (SIGKILL, OOM), so a crashed save never
+// leaves a lock that blocks the next one; and on the directory, so no lock file is added to
+// a checkpoint (a DCP directory stays exactly `.metadata` + `*.distcp`).
+class SaveLock {
+ public:
+  SaveLock() = default;
+  SaveLock(const SaveLock&) = delete;
+  SaveLock& operator=(const SaveLock&) = delete;
+  ~SaveLock() {
+    if (fd_ >= 0) ::close(fd_);  // closing the descriptor releases the lock
+  }
+
+  Status acquire(const std::string& dir) {
+    TRY(make_dirs(dir));
+    fd_ = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd_ < 0) {
+      const int e = errno;
+      return make_error_at(Code::kIo, dir, "cannot open '{}' to lock it for the save: {}", dir, std::strerror(e));
+    }
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      ::close(fd_);
+      fd_ = -1;
+      if (e == EWOULDBLOCK) {
+        return make_error_at(Code::kExists, dir,
+                             "another save to '{}' is in progress (it holds the directory's lock); "
+                             "this save changed nothing",
+                             dir);
+      }
+      return make_error_at(Code::kIo, dir, "cannot lock '{}' for the save: {}", dir, std::strerror(e));
+    }
+    return ok();
+  }
+
+ private:
+  int fd_ = -1;
+};
 
 // This rank's local plan: one item per tensor chunk it holds and per non-tensor value.
 Result<LocalPlan> create_local_plan(const Dict& state_dict, int64_t rank, SourceMap& sources) {
@@ -138,6 +188,8 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
     if (p.ok()) local = std::move(*p);
     else st = std::move(p).error();
   }
+  SaveLock lock;  // rank 0's writer lock of `path`, held until this function returns
+  if (st.ok() && rank == 0) st = lock.acquire(path);
   if (st.ok() && rank == 0) {
     local.save_id = new_save_id();
     auto first = writer->prepare_storage();

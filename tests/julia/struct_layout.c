@@ -69,6 +69,7 @@ int main(void) {
   FIELD(dsd_checkpoint_load_options, strict);
   FIELD(dsd_checkpoint_load_options, thread_count);
   FIELD(dsd_checkpoint_load_options, verify);
+  FIELD(dsd_checkpoint_load_options, allow_external_files);
 
   STRUCT(dsd_format_convert_options);
   FIELD(dsd_format_convert_options, struct_size);

@@ -13,8 +13,13 @@ from . import _capi
 from ._checkpoint import (AsyncCheckpointer, CheckpointManager, LoadReport, SaveFuture, async_save,
                           load, load_full, save, verify)
 from ._dist import Communicator, DeviceMesh, Layout, from_dtensor, to_dtensor
-from ._errors import (DtypeMismatchError, Error, HandleError, InvalidArgumentError,
-                      NotFoundError, ShapeMismatchError, UnsupportedError)
+from ._cli import main as cli_main
+from ._errors import (AbiMismatchError, BufferTooSmallError, CallbackError, CommError,
+                      CorruptError, DeviceError, DtypeMismatchError, Error, ExistsError,
+                      HandleError, InternalError, InvalidArgumentError, IOError, NoSpaceError,
+                      NotFoundError, OutOfMemoryError, ReadOnlyError, ShapeMismatchError,
+                      StaleHandleError, StateError, TimeoutError, UnexpectedKeyError,
+                      UnsupportedError, WrongKindError)
 from ._formats import (convert, detect_format, export_safetensors, export_torch_save,
                        import_safetensors, import_torch_save)
 from ._lib import ffi, lib, library_path
@@ -38,14 +43,19 @@ def version() -> str:
 
 __version__ = version()
 
+# dsd.IOError and dsd.TimeoutError (subclasses of the builtins OSError and TimeoutError) are
+# left out, so `from dsd import *` never shadows the builtins; reach them as dsd.IOError.
 __all__ = [
-    "AsyncCheckpointer", "CheckpointManager", "Communicator", "DeviceMesh", "DtypeMismatchError",
-    "Error", "HandleError", "InvalidArgumentError", "Layout", "LoadReport", "NotFoundError",
-    "SaveFuture", "ShapeMismatchError", "StateDict", "StateDictOptions", "Tensor",
-    "UnsupportedError", "abi_version", "async_save", "ffi", "from_dtensor", "get_model_state_dict",
-    "get_optimizer_state_dict", "get_state_dict", "lib", "library_path", "load", "load_full",
-    "optim_state_dict_to_fqn", "optim_state_dict_to_positional", "save", "set_model_state_dict",
-    "set_optimizer_state_dict", "set_state_dict", "to_dtensor", "verify", "version",
-    "convert", "detect_format", "export_safetensors", "export_torch_save", "import_safetensors",
-    "import_torch_save", "use_communicator",
+    "AbiMismatchError", "AsyncCheckpointer", "BufferTooSmallError", "CallbackError",
+    "CheckpointManager", "CommError", "Communicator", "CorruptError", "DeviceError", "DeviceMesh",
+    "DtypeMismatchError", "Error", "ExistsError", "HandleError", "InternalError",
+    "InvalidArgumentError", "Layout", "LoadReport", "NoSpaceError", "NotFoundError",
+    "OutOfMemoryError", "ReadOnlyError", "SaveFuture", "ShapeMismatchError", "StaleHandleError",
+    "StateDict", "StateDictOptions", "StateError", "Tensor", "UnexpectedKeyError",
+    "UnsupportedError", "WrongKindError", "abi_version", "async_save", "cli_main", "convert",
+    "detect_format", "export_safetensors", "export_torch_save", "ffi", "from_dtensor",
+    "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict", "import_safetensors",
+    "import_torch_save", "lib", "library_path", "load", "load_full", "optim_state_dict_to_fqn",
+    "optim_state_dict_to_positional", "save", "set_model_state_dict", "set_optimizer_state_dict",
+    "set_state_dict", "to_dtensor", "use_communicator", "verify", "version",
 ]

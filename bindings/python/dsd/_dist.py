@@ -7,12 +7,18 @@ placements and an explicit global shape and stride (uneven shards need them).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
+import os
+import sys
+import threading
 import weakref
+from collections.abc import Iterator, Mapping
 
 from . import _capi, _tensor
 from ._capi import CData
-from ._errors import HandleError
+from ._errors import InvalidArgumentError, StaleHandleError, closed
 from ._tensor import Tensor
 
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
@@ -33,7 +39,11 @@ class Communicator:
     `timeout` (seconds or a timedelta; PyTorch's 30 minutes by default), never a hang.
 
     dsd.async_save(..., comm=c) saves through one dsd.AsyncCheckpointer per communicator,
-    made on its first use and closed with the communicator."""
+    made on its first use and closed with the communicator.
+
+    close() (or leaving a `with` block) drops this reference: objects made over it (meshes,
+    managers, checkpointers) keep their own; using the communicator afterwards raises
+    dsd.StaleHandleError."""
 
     __slots__ = ("_ptr", "async_checkpointer", "__weakref__")
 
@@ -44,7 +54,30 @@ class Communicator:
 
     @property
     def ptr(self) -> CData:
+        """The dsd_comm*, for C calls through dsd.lib; valid until close()."""
+        if self._ptr is None:
+            raise closed("Communicator")
         return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Waits for this communicator's default async save (dsd.async_save(comm=...)), then
+        drops the reference. Idempotent. Not collective."""
+        checkpointer, self.async_checkpointer = self.async_checkpointer, None
+        if checkpointer is not None:
+            checkpointer.close()
+        ptr, self._ptr = self._ptr, None
+        _capi.release(ptr)
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_env(cls, timeout=_DEFAULT_TIMEOUT) -> "Communicator":
@@ -71,20 +104,26 @@ class Communicator:
 
     @property
     def rank(self) -> int:
-        return _capi.comm_rank(self._ptr)
+        """This process's rank."""
+        return _capi.comm_rank(self.ptr)
 
     @property
     def size(self) -> int:
-        return _capi.comm_size(self._ptr)
+        """The number of ranks."""
+        return _capi.comm_size(self.ptr)
 
     @property
     def backend(self) -> str:
-        return _capi.comm_backend(self._ptr)
+        """"gloo", "nccl" or "local"."""
+        return _capi.comm_backend(self.ptr)
 
     def barrier(self) -> None:
-        _capi.comm_barrier(self._ptr)
+        """Returns once every rank has called it (collective)."""
+        _capi.comm_barrier(self.ptr)
 
     def __repr__(self) -> str:
+        if self._ptr is None:
+            return "dsd.Communicator(closed)"
         return f"dsd.Communicator({self.backend}, rank {self.rank} of {self.size})"
 
 
@@ -99,10 +138,26 @@ class DeviceMesh:
 
     @property
     def ptr(self) -> CData:
+        """The dsd_mesh*, for C calls through dsd.lib; valid until close()."""
+        if self._ptr is None:
+            raise closed("DeviceMesh")
         return self._ptr
+
+    def close(self) -> None:
+        """Drops this reference (layouts on the mesh keep theirs). Idempotent."""
+        ptr, self._ptr = self._ptr, None
+        _capi.release(ptr)
+
+    def __enter__(self) -> "DeviceMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def new(cls, comm: Communicator, shape, ranks=None, device_type: str = "cpu") -> "DeviceMesh":
+        """A mesh of `shape` over `ranks` (row-major; None: 0, 1, 2, ...) of "cpu" or "cuda"
+        devices, over `comm`."""
         return cls(_capi.mesh_new(comm.ptr, shape, ranks, device_type))
 
     @classmethod
@@ -113,20 +168,23 @@ class DeviceMesh:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return _capi.mesh_shape(self._ptr)
+        """The mesh's shape."""
+        return _capi.mesh_shape(self.ptr)
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return _capi.mesh_ranks(self._ptr)
+        """The global ranks, row-major."""
+        return _capi.mesh_ranks(self.ptr)
 
     @property
     def device_type(self) -> str:
-        return _capi.mesh_device_type(self._ptr)
+        """"cpu" or "cuda"."""
+        return _capi.mesh_device_type(self.ptr)
 
     @property
     def coordinate(self) -> tuple[int, ...] | None:
         """This rank's coordinate in the mesh, or None when it is not part of it."""
-        return _capi.mesh_coordinate(self._ptr)
+        return _capi.mesh_coordinate(self.ptr)
 
     def key(self) -> tuple:
         """What identifies the mesh: (device type, shape, ranks)."""
@@ -139,6 +197,7 @@ class Layout:
     __slots__ = ("_bits",)
 
     def __init__(self, bits: int):
+        """`bits`: an owned layout handle from _capi (this object takes it over)."""
         self._bits = bits
 
     @classmethod
@@ -153,16 +212,19 @@ class Layout:
 
     @property
     def bits(self) -> int:
+        """The handle's bits, for C calls through dsd.lib; valid until release()."""
         if self._bits == 0:
-            raise HandleError(_capi.E_STALE_HANDLE, "layout handle was released")
+            raise StaleHandleError(_capi.E_STALE_HANDLE, "layout handle was released")
         return self._bits
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions of the global tensor."""
         return _capi.layout_ndim(self.bits)
 
     @property
     def global_shape(self) -> tuple[int, ...]:
+        """The shape of the global tensor."""
         return _capi.layout_global_shape(self.bits)
 
     def local_chunk(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -171,17 +233,21 @@ class Layout:
 
     @property
     def is_chunk(self) -> bool:
+        """Whether the layout is an explicit chunk (custom sharding) rather than placements."""
         return _capi.layout_is_chunk(self.bits)
 
     @property
     def mesh(self) -> DeviceMesh:
+        """The dsd mesh the layout is on."""
         return DeviceMesh(_capi.layout_mesh(self.bits))
 
     @property
     def placements(self) -> list[tuple]:
+        """One per mesh dimension: ("shard", dim) or ("replicate",)."""
         return _capi.layout_placements(self.bits)
 
     def release(self) -> None:
+        """Releases the handle now (idempotent)."""
         if self._bits:
             bits, self._bits = self._bits, 0
             _capi.layout_release(bits)
@@ -191,6 +257,108 @@ class Layout:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The communicator a call runs over when none is passed
+
+_USING: list = []  # communicators of enclosing use_communicator() blocks, innermost last
+_PROCESS_COMM: Communicator | None = None  # built from the launcher's environment, once
+_PROCESS_LOCK = threading.Lock()
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID",
+                "SLURM_NTASKS")
+
+
+@contextlib.contextmanager
+def use_communicator(comm: Communicator) -> Iterator[Communicator]:
+    """Within the block, the state-dict functions, saves and loads run over `comm` (a
+    dsd.Communicator, e.g. one over a caller-owned NCCL communicator from
+    Communicator.from_nccl) when they are not given one, instead of the one they would build
+    from the launcher's environment; also at world 1, so DTensors on a mesh of one rank gather
+    and broadcast through it."""
+    _USING.append(comm)
+    try:
+        yield comm
+    finally:
+        _USING.pop()
+
+
+def _torch_world() -> int | None:
+    """torch.distributed's world size when it is initialised (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_world_size()
+
+
+def process_communicator() -> Communicator:
+    """The communicator of this process, made on first use and reused by every later call:
+    from the launcher's environment (torchrun, dsdrun, mpirun, srun; collective, like
+    torch.distributed.init_process_group) in a world of several ranks, a local one in a world
+    of one. $DSD_TIMEOUT_S sets its collective timeout (default 30 minutes, as PyTorch's).
+    Closed at exit, after the async saves in flight (dsd waits for them)."""
+    global _PROCESS_COMM
+    with _PROCESS_LOCK:
+        if _PROCESS_COMM is None or _PROCESS_COMM.closed:
+            world = _torch_world()
+            launched = any(os.environ.get(v) for v in _LAUNCH_VARS)
+            if world == 1 or (world is None and not launched):
+                _PROCESS_COMM = Communicator.local()
+            else:
+                timeout = os.environ.get("DSD_TIMEOUT_S")
+                seconds = datetime.timedelta(seconds=float(timeout)) if timeout else _DEFAULT_TIMEOUT
+                try:
+                    _PROCESS_COMM = Communicator.from_env(timeout=seconds)
+                except InvalidArgumentError as e:
+                    raise InvalidArgumentError(
+                        e.code, f"{e.message} (dsd builds the communicator of a distributed "
+                        "program from the launcher's environment; without a launcher, pass "
+                        "comm=dsd.Communicator.file_store(...) or use dsd.use_communicator)",
+                        e.context) from None
+        return _PROCESS_COMM
+
+
+@atexit.register
+def close_process_communicator() -> None:
+    """Closes the process communicator (waiting for its default async save), if one was made.
+    Runs at exit; a later call that needs one makes a new one."""
+    global _PROCESS_COMM
+    with _PROCESS_LOCK:
+        comm, _PROCESS_COMM = _PROCESS_COMM, None
+    if comm is not None:
+        comm.close()
+
+
+def has_dtensor(obj) -> bool:
+    """Whether a (nested) state dict holds a DTensor (False at once if torch.distributed.tensor
+    was never imported)."""
+    if sys.modules.get("torch.distributed.tensor") is None:
+        return False
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, Mapping):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif is_dtensor(o):
+            return True
+    return False
+
+
+def communicator_for(comm: Communicator | None = None, state_dict=None) -> Communicator | None:
+    """The communicator a call runs over: `comm` when given; else the innermost
+    use_communicator()'s; else the process communicator when torch.distributed runs with more
+    than one rank or `state_dict` holds DTensors; else None (a single process: no collective,
+    no communicator made)."""
+    if comm is not None:
+        return comm
+    if _USING:
+        return _USING[-1]
+    world = _torch_world()
+    if (world is not None and world > 1) or (state_dict is not None and has_dtensor(state_dict)):
+        return process_communicator()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ in place.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from typing import Any, NamedTuple
@@ -44,46 +43,15 @@ def _incompatible(keys: _capi.KeyLists) -> _IncompatibleKeys:
 # ---------------------------------------------------------------------------------------------
 # The communicator the functions run over
 
-_COMM: dict[tuple[int, int], _dist.Communicator] = {}
-_USING: list = []  # communicators of enclosing use_communicator() blocks, innermost last
-
-
-@contextlib.contextmanager
-def use_communicator(comm):
-    """Within the block, the state-dict functions run over `comm` (a dsd.Communicator, e.g.
-    one over a caller-owned NCCL communicator from Communicator.from_nccl) instead of the one
-    they would build from the launcher's environment; also at world 1, so DTensors on a mesh of
-    one rank gather and broadcast through it."""
-    _USING.append(comm)
-    try:
-        yield comm
-    finally:
-        _USING.pop()
+use_communicator = _dist.use_communicator
 
 
 def _communicator() -> _dist.Communicator | None:
     """The communicator the state-dict functions run over: the innermost use_communicator()'s,
-    else one built from the launcher's environment (torchrun, dsdrun, mpirun, srun) once
-    torch.distributed runs with more than one rank, shared by every later call; None in a
-    single process. $DSD_TIMEOUT_S sets its collective timeout (default 30 minutes, as
-    PyTorch's)."""
-    if _USING:
-        return _USING[-1]
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    key = (dist.get_rank(), dist.get_world_size())
-    if key not in _COMM:
-        import datetime
-        import os
-
-        timeout = os.environ.get("DSD_TIMEOUT_S")
-        if timeout:
-            _COMM[key] = _dist.Communicator.from_env(timeout=datetime.timedelta(seconds=float(timeout)))
-        else:
-            _COMM[key] = _dist.Communicator.from_env()
-    return _COMM[key]
+    else the process communicator (dsd._dist.process_communicator: built once from the
+    launcher's environment, shared with dsd.save/load) once torch.distributed runs with more
+    than one rank; None in a single process."""
+    return _dist.communicator_for(None)
 
 
 def _context() -> Context:
@@ -142,6 +110,8 @@ def _registered(model, optimizers, options: StateDictOptions):
 # The public functions, mirroring torch.distributed.checkpoint.state_dict.
 
 def get_model_state_dict(model, *, submodules=None, options: StateDictOptions | None = None) -> dict[str, Any]:
+    """PyTorch's get_model_state_dict: the model's state dict (FQN keys; DTensors for sharded
+    parameters, sharing memory with the model), shaped by `options`."""
     options = options or StateDictOptions()
     ctx, m, _ = _registered(model, None, options)
     subs = _submodule_paths(model, submodules)
@@ -150,6 +120,8 @@ def get_model_state_dict(model, *, submodules=None, options: StateDictOptions | 
 
 def get_optimizer_state_dict(model, optimizers, *, submodules=None,
                              options: StateDictOptions | None = None) -> dict[str, Any]:
+    """PyTorch's get_optimizer_state_dict: the optimizers' state dict in FQN form
+    ({"state": {fqn: ...}, "param_groups": [...]}), shaped by `options`."""
     options = options or StateDictOptions()
     _submodule_paths(model, submodules)
     ctx, m, opts = _registered(model, optimizers, options)
@@ -158,6 +130,8 @@ def get_optimizer_state_dict(model, optimizers, *, submodules=None,
 
 def get_state_dict(model, optimizers, *, submodules=None,
                    options: StateDictOptions | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PyTorch's get_state_dict: (model state dict, optimizer state dict) in one call, over the
+    process communicator under torchrun (no comm argument), as dsd.save then uses it."""
     options = options or StateDictOptions()
     _submodule_paths(model, submodules)
     ctx, m, opts = _registered(model, optimizers, options)
@@ -166,6 +140,8 @@ def get_state_dict(model, optimizers, *, submodules=None,
 
 
 def set_model_state_dict(model, model_state_dict, *, options: StateDictOptions | None = None) -> _IncompatibleKeys:
+    """PyTorch's set_model_state_dict: loads `model_state_dict` into the model in place;
+    (missing_keys, unexpected_keys). Raises for either under options.strict."""
     options = options or StateDictOptions()
     model_state_dict = _expand_module_keyed(model, model_state_dict)
     ctx, m, _ = _registered(model, None, options)
@@ -181,6 +157,8 @@ def set_model_state_dict(model, model_state_dict, *, options: StateDictOptions |
 
 def set_optimizer_state_dict(model, optimizers, optim_state_dict, *,
                              options: StateDictOptions | None = None) -> None:
+    """PyTorch's set_optimizer_state_dict: loads `optim_state_dict` into the optimizers
+    (creating their lazy state without a step)."""
     options = options or StateDictOptions()
     ctx, m, opts = _registered(model, optimizers, options)
     sd = ctx.to_dsd(optim_state_dict)
@@ -194,6 +172,8 @@ def set_optimizer_state_dict(model, optimizers, optim_state_dict, *,
 
 def set_state_dict(model, optimizers, *, model_state_dict, optim_state_dict,
                    options: StateDictOptions | None = None) -> _IncompatibleKeys:
+    """PyTorch's set_state_dict: both loads in one call; the model's (missing_keys,
+    unexpected_keys)."""
     options = options or StateDictOptions()
     model_state_dict = _expand_module_keyed(model, model_state_dict)
     ctx, m, opts = _registered(model, optimizers, options)

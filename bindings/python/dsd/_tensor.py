@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 
 from . import _capi
-from ._errors import HandleError
+from ._errors import StaleHandleError
 
 # Capsule names must outlive every capsule: module-level bytes objects.
 _NAME_V0 = b"dltensor"
@@ -117,32 +117,40 @@ class Tensor:
     __slots__ = ("_bits",)
 
     def __init__(self, bits: int):
+        """`bits`: an owned tensor handle from _capi (this object takes it over)."""
         self._bits = bits
 
     @classmethod
     def from_torch(cls, tensor, versioned: bool = True) -> "Tensor":
+        """A handle sharing `tensor`'s memory (through DLPack, versioned unless told not to)."""
         return cls(handle_from_tensor(tensor, versioned))
 
     @classmethod
     def from_capsule(cls, capsule) -> "Tensor":
+        """A handle over a DLPack capsule ("dltensor" or "dltensor_versioned"), consumed."""
         return cls(handle_from_capsule(capsule))
 
     @property
     def bits(self) -> int:
+        """The handle's bits, for C calls through dsd.lib; valid until release()."""
         if self._bits == 0:
-            raise HandleError(_capi.E_STALE_HANDLE, "tensor handle was released")
+            raise StaleHandleError(_capi.E_STALE_HANDLE, "tensor handle was released")
         return self._bits
 
     def to_torch(self):
+        """A torch.Tensor sharing the handle's memory."""
         return tensor_from_handle(self.bits)
 
     def to_capsule(self, versioned: bool = True):
+        """A new DLPack capsule of the tensor (versioned unless told not to)."""
         return capsule_from_handle(self.bits, versioned)
 
     def info(self) -> _capi.TensorInfo:
+        """dtype, device, ndim, data pointer, numel, nbytes and flags of the tensor."""
         return info(self.bits)
 
     def release(self) -> None:
+        """Releases the handle now (idempotent)."""
         if self._bits:
             bits, self._bits = self._bits, 0
             release(bits)

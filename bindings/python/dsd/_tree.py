@@ -11,11 +11,13 @@ from collections.abc import Iterator, Mapping
 
 from . import _capi, _dist, _tensor
 from ._capi import CData
+from ._errors import closed
 
 
 class StateDict:
     """Owns one reference to a dsd container (dict or list), dropped when collected or by
-    release()."""
+    close() (also when leaving a `with` block); using it afterwards raises
+    dsd.StaleHandleError."""
 
     __slots__ = ("_ptr",)
 
@@ -25,20 +27,22 @@ class StateDict:
 
     @property
     def ptr(self) -> CData:
-        """The dsd_state_dict*, for C calls through dsd.lib; valid while this object is."""
+        """The dsd_state_dict*, for C calls through dsd.lib; valid until close()."""
         if self._ptr is None:
-            raise ValueError("the state dict was released")
+            raise closed("StateDict")
         return self._ptr
 
     @classmethod
     def new(cls) -> "StateDict":
+        """An empty dict container."""
         return cls(_capi.state_dict_new())
 
     @classmethod
     def from_python(cls, obj: Mapping, comm: "_dist.Communicator | None" = None) -> "StateDict":
         """A state dict with the structure of `obj`, sharing its tensors. DTensor leaves become
-        distributed tensors on dsd meshes over `comm` (needed only when there are DTensors)."""
-        return cls(to_dsd(obj, ctx=_dist.MeshCache(comm)))
+        distributed tensors on dsd meshes over `comm` (default: the process communicator, see
+        dsd.save; needed only when there are DTensors)."""
+        return cls(to_dsd(obj, ctx=_dist.MeshCache(_dist.communicator_for(comm, obj))))
 
     def to_python(self, meshes=()):
         """Python containers; distributed tensors come back as DTensors on the torch meshes
@@ -53,10 +57,23 @@ class StateDict:
         """(whether both trees are equal, a description of the first difference)."""
         return _capi.state_dict_equal(self.ptr, other.ptr)
 
-    def release(self) -> None:
-        """Drops the reference now (also the tensors it keeps alive)."""
+    @property
+    def closed(self) -> bool:
+        """Whether close() (or release()) was called."""
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Drops the reference now (also the tensors it keeps alive). Idempotent."""
         ptr, self._ptr = self._ptr, None
         _capi.release(ptr)
+
+    release = close
+
+    def __enter__(self) -> "StateDict":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_tensor(v) -> bool:

@@ -4,6 +4,7 @@
 //   dsd inspect PATH [--json]        keys, kinds, dtypes, shapes, chunks, bytes, save world size
 //   dsd verify PATH                  every checksum and bound; exit 0 only if intact
 //   dsd convert SRC DST --to FORMAT  [--max-shard-size BYTES] [--overwrite] [--threads N]
+//                                    [--select PREFIX [--strip-prefix]] [--dtype DTYPE]
 //   dsd diff A B                     keys only in one, dtype/shape differences, first differing
 //                                    element of each tensor; exit 0 only if equal
 //
@@ -33,6 +34,7 @@
 #include "core/checkpoint/value_json.h"
 #include "core/interop/convert.h"
 #include "core/interop/diff.h"
+#include "core/interop/state_view.h"
 #include "core/interop/verify_any.h"
 
 namespace {
@@ -364,38 +366,67 @@ int verify(const std::string& path, const Global& g) {
 
 // ---- convert --------------------------------------------------------------------------------
 
-int convert(const std::string& src, const std::string& dst, const std::string& to_name, const std::string& shard,
-            bool overwrite, int threads, const Global& g) {
-  const auto to = dsd::checkpoint::format_from_name(to_name);
+struct ConvertArgs {
+  std::string src;
+  std::string dst;
+  std::string to;
+  std::string shard;
+  bool overwrite = false;
+  int threads = 0;
+  std::string select;
+  bool strip_prefix = false;
+  std::string dtype;
+};
+
+int convert(const ConvertArgs& a, const Global& g) {
+  const auto to = dsd::checkpoint::format_from_name(a.to);
   if (!to) {
-    std::fprintf(stderr, "dsd: unknown format '%s' (expected dsd, dcp, torch or safetensors)\n", to_name.c_str());
+    std::fprintf(stderr, "dsd: unknown format '%s' (expected dsd, dcp, torch or safetensors)\n", a.to.c_str());
     return kExitUsage;
   }
   dsd::interop::ConvertOptions o;
-  o.overwrite = overwrite;
-  o.thread_count = threads;
+  o.overwrite = a.overwrite;
+  o.thread_count = a.threads;
   o.allow_external_files = g.allow_external_files;
-  if (!shard.empty()) {
-    const auto n = parse_size(shard);
+  if (!a.shard.empty()) {
+    const auto n = parse_size(a.shard);
     if (!n) {
-      std::fprintf(stderr, "dsd: --max-shard-size '%s' is not a size (e.g. 5GB, 500MB, 1073741824)\n", shard.c_str());
+      std::fprintf(stderr, "dsd: --max-shard-size '%s' is not a size (e.g. 5GB, 500MB, 1073741824)\n",
+                   a.shard.c_str());
       return kExitUsage;
     }
     o.max_shard_size = *n;
   }
-  auto reader = StateReader::open(src, g.open_options());
+  dsd::interop::StateViewOptions view;
+  view.select = a.select;
+  view.strip_prefix = a.strip_prefix;
+  if (!a.dtype.empty()) {
+    view.dtype = dsd::dtype_from_name(a.dtype);
+    if (!view.dtype) {
+      std::fprintf(stderr, "dsd: --dtype '%s' is not a dtype (e.g. bfloat16, float16, float32)\n", a.dtype.c_str());
+      return kExitUsage;
+    }
+  }
+  auto reader = StateReader::open(a.src, g.open_options());
   if (!reader.ok()) return fail(reader.error());
+  // The view is made here rather than by convert (o.select...), so that the summary counts
+  // what was written.
+  auto source = dsd::interop::make_state_view(**reader, view);
+  if (!source.ok()) return fail(source.error());
   ProgressBar bar("convert", g.progress, g.quiet);
   o.progress = [&](uint64_t d, uint64_t t) { bar.update(d, t); };
-  dsd::Status s = dsd::interop::convert(**reader, dst, *to, o);
+  dsd::Status s = dsd::interop::convert(**source, a.dst, *to, o);
   bar.finish();
   if (!s.ok()) return fail(s.error());
   const double secs = bar.seconds();
-  const uint64_t bytes = (*reader)->tensor_bytes();
+  const uint64_t bytes = (*source)->tensor_bytes();
   if (!g.quiet) {
-    std::printf("converted %s (%s) to %s (%s): %zu entries, %s in %.2f s (%s/s)\n", src.c_str(),
-                std::string(dsd::checkpoint::format_name((*reader)->format())).c_str(), dst.c_str(),
-                std::string(dsd::checkpoint::format_name(*to)).c_str(), (*reader)->items().size(),
+    const std::string of = dsd::interop::is_identity(view)
+                               ? std::string()
+                               : fmt::format(" (of {})", (*reader)->items().size());
+    std::printf("converted %s (%s) to %s (%s): %zu entries%s, %s in %.2f s (%s/s)\n", a.src.c_str(),
+                std::string(dsd::checkpoint::format_name((*reader)->format())).c_str(), a.dst.c_str(),
+                std::string(dsd::checkpoint::format_name(*to)).c_str(), (*source)->items().size(), of.c_str(),
                 human_bytes(static_cast<double>(bytes)).c_str(), secs,
                 human_bytes(static_cast<double>(bytes) / std::max(secs, 1e-6)).c_str());
   }
@@ -447,19 +478,28 @@ int main(int argc, char** argv) {
   CLI::App* ver = app.add_subcommand("verify", "Check every checksum and bound; exit 0 only if intact");
   ver->add_option("PATH", path, "Checkpoint directory or file")->required();
 
-  std::string src;
-  std::string dst;
-  std::string to;
-  std::string shard;
-  bool overwrite = false;
-  int threads = 0;
+  ConvertArgs ca;
   CLI::App* conv = app.add_subcommand("convert", "Convert SRC (any format, detected) to DST in another format");
-  conv->add_option("SRC", src, "Source checkpoint directory or file")->required();
-  conv->add_option("DST", dst, "Destination")->required();
-  conv->add_option("--to", to, "Target format: dsd, dcp, torch or safetensors")->required();
-  conv->add_option("--max-shard-size", shard, "safetensors: most bytes per file (e.g. 5GB, 500MB; default 5GB)");
-  conv->add_flag("--overwrite", overwrite, "Replace DST if it exists");
-  conv->add_option("--threads", threads, "Writer threads (default: min(4, cores))")->check(CLI::NonNegativeNumber);
+  conv->footer(
+      "Publishing a model from a training checkpoint {\"model\": ..., \"optim\": ..., \"step\": N}\n"
+      "as Hugging Face weights (from_pretrained reads DST once config.json is beside them):\n"
+      "  dsd convert ckpt/ hf/ --to safetensors --select model --strip-prefix --dtype bfloat16");
+  conv->add_option("SRC", ca.src, "Source checkpoint directory or file")->required();
+  conv->add_option("DST", ca.dst, "Destination")->required();
+  conv->add_option("--to", ca.to, "Target format: dsd, dcp, torch or safetensors")->required();
+  conv->add_option("--max-shard-size", ca.shard, "safetensors: most bytes per file (e.g. 5GB, 500MB; default 5GB)");
+  conv->add_flag("--overwrite", ca.overwrite, "Replace DST if it exists");
+  conv->add_option("--threads", ca.threads, "Writer threads (default: min(4, cores))")->check(CLI::NonNegativeNumber);
+  CLI::Option* select = conv->add_option(
+      "--select", ca.select,
+      "Write only the entries under this key prefix: 'model' (or 'model.') selects model.* (default: all)");
+  conv->add_flag("--strip-prefix", ca.strip_prefix,
+                 "Drop the --select prefix from the written keys (model.layers.0.weight -> layers.0.weight)")
+      ->needs(select);
+  conv->add_option("--dtype", ca.dtype,
+                   "Cast every floating tensor to this dtype (bfloat16, float16, float32, float64, "
+                   "float8_e4m3fn, float8_e5m2), rounding as torch's Tensor.to; integer and bool tensors "
+                   "are kept");
 
   std::string a;
   std::string b;
@@ -479,11 +519,11 @@ int main(int argc, char** argv) {
   }
   // An allocation failure anywhere (a hostile file's huge declared size, ulimit -v) is an
   // error with its own exit code naming the input, never std::terminate's SIGABRT.
-  const std::string subject = ins->parsed() || ver->parsed() ? path : conv->parsed() ? src : a + " and " + b;
+  const std::string subject = ins->parsed() || ver->parsed() ? path : conv->parsed() ? ca.src : a + " and " + b;
   try {
     if (ins->parsed()) return inspect(path, as_json, g);
     if (ver->parsed()) return verify(path, g);
-    if (conv->parsed()) return convert(src, dst, to, shard, overwrite, threads, g);
+    if (conv->parsed()) return convert(ca, g);
     if (dif->parsed()) return diff(a, b, g);
   } catch (const std::bad_alloc&) {
     std::fputs("dsd: out of memory while reading ", stderr);

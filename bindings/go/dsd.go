@@ -97,5 +97,5 @@ func checkABI(lib uint32) error {
 // ABIVersion is (major << 16) | minor of the loaded library (dsd_abi_version).
 func ABIVersion() uint32 { return uint32(C.dsd_abi_version()) }
 
-// VersionString is the library's semantic version, e.g. "0.2.0" (dsd_version_string).
+// VersionString is the library's semantic version, e.g. "0.3.0" (dsd_version_string).
 func VersionString() string { return C.GoString(C.dsd_version_string()) }

@@ -9,16 +9,24 @@
 #include "core/base/make_error.h"
 #include "core/interop/convert.h"
 #include "core/interop/detect.h"
+#include "core/interop/state_reader.h"
+#include "core/tensor/dtype.h"
 
 namespace dsd::capi {
 namespace {
+
+// The struct of the first 1.0 release ended at max_shard_size: select, strip_prefix and dtype
+// came after it, so a caller built against that header (a 24-byte struct) gets their defaults.
+constexpr size_t kConvertOptionsSizeV1 = 24;
+static_assert(offsetof(dsd_format_convert_options, select) == kConvertOptionsSizeV1 &&
+              offsetof(dsd_format_convert_options, max_shard_size) + sizeof(uint64_t) == kConvertOptionsSizeV1);
 
 Result<interop::ConvertOptions> convert_options(const dsd_format_convert_options* o) {
   dsd_format_convert_options defaults;
   dsd_format_convert_options_init(&defaults);
   const dsd_format_convert_options in =
-      TRY(read_options(o, defaults, {sizeof(dsd_format_convert_options)}, "dsd_format_convert_options",
-                       "dsd_format_convert_options_init"));
+      TRY(read_options(o, defaults, {kConvertOptionsSizeV1, sizeof(dsd_format_convert_options)},
+                       "dsd_format_convert_options", "dsd_format_convert_options_init"));
   interop::ConvertOptions out;
   out.overwrite = in.overwrite;
   out.thread_count = in.thread_count;
@@ -26,6 +34,71 @@ Result<interop::ConvertOptions> convert_options(const dsd_format_convert_options
   if (out.thread_count < 0) {
     return make_error(Code::kInvalidArgument, "options->thread_count {} is negative", out.thread_count);
   }
+  if (in.select != nullptr) out.select = in.select;
+  out.strip_prefix = in.strip_prefix;
+  if (in.dtype != 0) {  // 0: unset, no cast (the header's enumerations never use 0)
+    out.dtype = dtype_from_code(in.dtype);
+    if (!out.dtype) {
+      return make_error(Code::kInvalidArgument, "options->dtype {} is neither 0 (no cast) nor a DSD_DTYPE_*",
+                        in.dtype);
+    }
+  }
+  return out;
+}
+
+ListPtr int_list(const std::vector<int64_t>& v) {
+  ListPtr l = List::make();
+  for (int64_t x : v) l->push_back(Value(x));
+  return l;
+}
+
+// The description of one leaf: what the reader knows from metadata alone (no tensor bytes).
+DictPtr describe_item(const interop::ItemInfo& item) {
+  DictPtr d = Dict::make();
+  const bool tensor = item.kind == interop::Entry::Kind::kTensor;
+  d->set("kind", Value(tensor ? "tensor" : "value"));
+  ListPtr path = List::make();
+  for (const PathSegment& seg : item.path) {
+    if (const int64_t* i = seg.if_index()) {
+      path->push_back(Value(*i));
+    } else {
+      path->push_back(Value(*seg.if_key()));
+    }
+  }
+  d->set("path", Value(std::move(path)));
+  if (tensor) {
+    d->set("dtype", Value(std::string(dtype_name(item.dtype))));
+    d->set("shape", Value(int_list(item.shape)));
+    d->set("nbytes", Value(static_cast<int64_t>(item.nbytes)));
+    ListPtr chunks = List::make();
+    for (const interop::ChunkRecord& c : item.chunks) {
+      DictPtr cd = Dict::make();
+      cd->set("offsets", Value(int_list(c.offsets)));
+      cd->set("sizes", Value(int_list(c.sizes)));
+      chunks->push_back(Value(std::move(cd)));
+    }
+    d->set("chunks", Value(std::move(chunks)));
+  }
+  return d;
+}
+
+Result<DictPtr> inspect(const char* path, const dsd_checkpoint_load_options* o) {
+  dsd_checkpoint_load_options defaults;
+  dsd_checkpoint_load_options_init(&defaults);
+  const dsd_checkpoint_load_options in =
+      TRY(read_options(o, defaults, {sizeof(dsd_checkpoint_load_options)},
+                       "dsd_checkpoint_load_options", "dsd_checkpoint_load_options_init"));
+  checkpoint::OpenOptions open;
+  open.allow_external_files = in.allow_external_files;
+  const auto reader = TRY(interop::StateReader::open(path, open));
+  DictPtr entries = Dict::make();
+  for (const interop::ItemInfo& item : reader->items()) {
+    entries->set(item.key, Value(describe_item(item)));
+  }
+  DictPtr out = Dict::make();
+  out->set("format", Value(std::string(checkpoint::format_name(reader->format()))));
+  out->set("world_size", Value(reader->world_size()));
+  out->set("entries", Value(std::move(entries)));
   return out;
 }
 
@@ -45,6 +118,9 @@ void dsd_format_convert_options_init(dsd_format_convert_options* options) {
   options->overwrite = d.overwrite;
   options->thread_count = d.thread_count;
   options->max_shard_size = d.max_shard_size;
+  options->select = nullptr;
+  options->strip_prefix = d.strip_prefix;
+  options->dtype = 0;
 }
 
 dsd_status dsd_format_detect(const char* path, dsd_format* out, dsd_error** err) {
@@ -53,6 +129,17 @@ dsd_status dsd_format_detect(const char* path, dsd_format* out, dsd_error** err)
     TRY(require(out, "out"));
     const auto f = TRY(dsd::interop::detect_format(path));
     *out = static_cast<dsd_format>(f);
+    return dsd::ok();
+  });
+}
+
+dsd_status dsd_format_inspect(const char* path, const dsd_checkpoint_load_options* options,
+                              dsd_state_dict** out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(path, "path"));
+    TRY(require(out, "out"));
+    dsd::DictPtr d = TRY(dsd::capi::inspect(path, options));
+    *out = dsd::capi::wrap(dsd::Value(std::move(d)));
     return dsd::ok();
   });
 }

@@ -19,6 +19,7 @@
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/pool.h"
 #include "core/checkpoint/storage_writer.h"
+#include "core/checkpoint/write_results.h"
 #include "core/formats/safetensors.h"
 
 namespace dsd::checkpoint {
@@ -34,11 +35,6 @@ constexpr uint64_t kStepBytes = 1u << 20;
 // With sync_files, writeback of what was written is started every this many bytes, so the
 // disk works while later bytes are copied and the final fsync finds little left to do.
 constexpr uint64_t kWriteBehindBytes = 32u << 20;
-
-struct WrittenChunk {
-  std::string key;
-  ChunkRecord record;
-};
 
 struct RankOutcome {
   std::vector<FileRecord> files;
@@ -183,61 +179,7 @@ Status write_rank_files(const std::string& dir, int64_t rank, const RankPlan& rp
   return ok();
 }
 
-std::string outcome_to_json(const RankOutcome& out) {
-  json j;
-  json files = json::array();
-  for (const FileRecord& f : out.files) files.push_back({{"name", f.name}, {"rank", f.rank}, {"size", f.size}});
-  json chunks = json::array();
-  for (const WrittenChunk& c : out.chunks) {
-    json blocks = json::array();
-    for (uint64_t b : c.record.blocks) blocks.push_back(b);
-    chunks.push_back({{"key", c.key}, {"offsets", c.record.offsets}, {"sizes", c.record.sizes},
-                      {"file", c.record.file}, {"begin", c.record.begin}, {"end", c.record.end},
-                      {"xxh3", c.record.xxh3}, {"blocks", std::move(blocks)}});
-  }
-  j["files"] = std::move(files);
-  j["chunks"] = std::move(chunks);
-  return j.dump();
-}
-
-// The coordinator fills the chunk locations of every rank into the manifest.
-Status merge_outcomes(Manifest& m, const std::vector<std::string>& outcomes) {
-  std::unordered_map<std::string, std::vector<ChunkRecord>> by_key;
-  try {
-    for (const std::string& text : outcomes) {
-      json j = json::parse(text);
-      for (const json& f : j.at("files")) {
-        m.files.push_back({f.at("name").get<std::string>(), f.at("rank").get<int64_t>(),
-                           f.at("size").get<uint64_t>()});
-      }
-      for (const json& c : j.at("chunks")) {
-        ChunkRecord r;
-        r.offsets = c.at("offsets").get<std::vector<int64_t>>();
-        r.sizes = c.at("sizes").get<std::vector<int64_t>>();
-        r.file = c.at("file").get<std::string>();
-        r.begin = c.at("begin").get<uint64_t>();
-        r.end = c.at("end").get<uint64_t>();
-        r.xxh3 = c.at("xxh3").get<uint64_t>();
-        r.blocks = c.at("blocks").get<std::vector<uint64_t>>();
-        by_key[c.at("key").get<std::string>()].push_back(std::move(r));
-      }
-    }
-  } catch (const json::exception& e) {
-    return make_error(Code::kComm, "a peer sent malformed write results: {}", e.what());
-  }
-  for (Entry& e : m.entries) {
-    if (e.kind != Entry::Kind::kTensor) continue;
-    auto& chunks = by_key[e.key];
-    std::sort(chunks.begin(), chunks.end(),
-              [](const ChunkRecord& a, const ChunkRecord& b) { return a.offsets < b.offsets; });
-    e.chunks = std::move(chunks);
-  }
-  Status s = validate_manifest(m);
-  if (!s.ok()) {
-    return make_error(Code::kInternal, "the manifest of this save does not validate: {}", s.error().message);
-  }
-  return ok();
-}
+std::string encode_outcome(const RankOutcome& out) { return encode_write_results(out.files, out.chunks); }
 
 // After the commit: data files of earlier saves (and orphans of crashed ones) go.
 void remove_unreferenced_files(const std::string& path, const Manifest& m) {
@@ -271,12 +213,12 @@ class DsdStorageWriter final : public StorageWriter {
 
   Result<WriteResult> write_data(const GlobalPlan& plan, int64_t rank, const SourceMap& sources) override {
     TRY(write_rank_files(path_, rank, plan.ranks[static_cast<size_t>(rank)], sources, options_, out_));
-    return WriteResult{outcome_to_json(out_), out_.bytes, static_cast<int>(out_.files.size())};
+    return WriteResult{encode_outcome(out_), out_.bytes, static_cast<int>(out_.files.size())};
   }
 
   Status finish(GlobalPlan& plan, const std::vector<std::string>& results) override {
     plan.manifest.block_size = options_.block_size;
-    TRY(merge_outcomes(plan.manifest, results));
+    TRY(merge_write_results(plan.manifest, results));
     TRY(sync_dir(path_));
     crash_point("save.before_commit");
     TRY(write_file_atomic(path_, kManifestName, manifest_to_json(plan.manifest)));

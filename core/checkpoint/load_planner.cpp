@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <limits>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
@@ -85,6 +86,55 @@ void add_read_items(const Entry& e, const LoadTarget& t, std::vector<ReadItem>& 
     if (Chunk{c.offsets, c.sizes}.numel() == 0 || !chunks_intersect(c, t.local)) continue;
     items.push_back({&e, &c, &t});
   }
+}
+
+ChunkIndex::ChunkIndex(const Entry& e) : entry_(&e) {
+  const size_t ndim = e.shape.size();
+  std::vector<uint32_t> live;
+  for (size_t i = 0; i < e.chunks.size(); ++i) {
+    if (Chunk{e.chunks[i].offsets, e.chunks[i].sizes}.numel() != 0) live.push_back(static_cast<uint32_t>(i));
+  }
+  size_t most = 0;
+  for (size_t d = 0; d < ndim; ++d) {
+    std::unordered_set<int64_t> starts;
+    for (uint32_t i : live) starts.insert(e.chunks[i].offsets[d]);
+    if (starts.size() > most) {
+      most = starts.size();
+      dim_ = d;
+    }
+  }
+  order_ = std::move(live);
+  if (ndim == 0) return;
+  std::sort(order_.begin(), order_.end(), [&](uint32_t a, uint32_t b) {
+    return e.chunks[a].offsets[dim_] < e.chunks[b].offsets[dim_];
+  });
+  int64_t end = std::numeric_limits<int64_t>::min();
+  for (uint32_t i : order_) {
+    const ChunkRecord& c = e.chunks[i];
+    starts_.push_back(c.offsets[dim_]);
+    end = std::max(end, c.offsets[dim_] + c.sizes[dim_]);
+    max_end_.push_back(end);
+  }
+}
+
+void ChunkIndex::add_read_items(const LoadTarget& t, std::vector<ReadItem>& items) const {
+  if (t.local.numel() == 0) return;
+  const size_t first = items.size();
+  if (starts_.empty()) {  // 0-d: every non-empty chunk is the one element
+    for (uint32_t i : order_) items.push_back({entry_, &entry_->chunks[i], &t});
+  } else {
+    const int64_t lo = t.local.offsets[dim_];
+    const int64_t hi = lo + t.local.sizes[dim_];
+    // Chunks starting before `hi`, walked back while some chunk before may still end after `lo`.
+    size_t k = static_cast<size_t>(std::lower_bound(starts_.begin(), starts_.end(), hi) - starts_.begin());
+    while (k > 0 && max_end_[k - 1] > lo) {
+      --k;
+      const ChunkRecord& c = entry_->chunks[order_[k]];
+      if (chunks_intersect(c, t.local)) items.push_back({entry_, &c, &t});
+    }
+  }
+  std::sort(items.begin() + static_cast<std::ptrdiff_t>(first), items.end(),
+            [](const ReadItem& a, const ReadItem& b) { return a.chunk < b.chunk; });
 }
 
 Result<LoadTarget> make_load_target(const std::string& key, const TensorValue& tv, const Entry& e) {

@@ -58,6 +58,27 @@ Result<LoadTarget> make_load_target(const std::string& key, const TensorValue& t
 Result<LoadTarget> full_load_target(const Entry& e);
 // The ReadItems of one destination: every saved chunk of `e` it overlaps.
 void add_read_items(const Entry& e, const LoadTarget& t, std::vector<ReadItem>& items);
+// The saved chunks of one entry indexed for overlap queries: sorted along the dimension with
+// the most distinct chunk starts, with the running maximum of their ends, so a destination
+// finds its chunks by binary search in O(log n + hits) instead of scanning all n. Worth it
+// when many destinations query one entry (planning the reads of every rank of a reshard, as
+// the scale benchmark does); a rank's own load scans (add_read_items above), n per entry.
+// Borrows `e`, which must outlive the index.
+class ChunkIndex {
+ public:
+  explicit ChunkIndex(const Entry& e);
+  // The ReadItems of `t`: every non-empty saved chunk it overlaps, in the entry's order (as
+  // add_read_items gives them).
+  void add_read_items(const LoadTarget& t, std::vector<ReadItem>& items) const;
+
+ private:
+  const Entry* entry_;
+  size_t dim_ = 0;
+  std::vector<uint32_t> order_;     // non-empty chunks by start along dim_
+  std::vector<int64_t> starts_;     // their starts along dim_
+  std::vector<int64_t> max_end_;    // running maximum of their ends along dim_
+};
+
 // Whether a saved chunk and a destination chunk share an element.
 bool chunks_intersect(const ChunkRecord& saved, const Chunk& local);
 

@@ -1,6 +1,7 @@
 #include "core/checkpoint/manifest.h"
 
 #include <algorithm>
+#include <charconv>
 #include <limits>
 #include <set>
 #include <unordered_map>
@@ -9,6 +10,7 @@
 #include "core/base/json_limits.h"
 #include "core/base/make_error.h"
 #include "core/base/strings.h"
+#include "core/checkpoint/box_overlap.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -141,16 +143,6 @@ Result<Entry> parse_entry(const json& j, std::string_view source) {
   return e;
 }
 
-// Whether two boxes of the same rank share an element.
-bool boxes_overlap(const ChunkRecord& a, const ChunkRecord& b) {
-  for (size_t d = 0; d < a.offsets.size(); ++d) {
-    if (a.offsets[d] >= b.offsets[d] + b.sizes[d] || b.offsets[d] >= a.offsets[d] + a.sizes[d]) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // numel of `dims`, or nullopt when it overflows int64.
 std::optional<int64_t> checked_numel(const std::vector<int64_t>& dims) {
   int64_t n = 1;
@@ -202,13 +194,11 @@ Status validate_tensor(const Manifest& m, const Entry& e,
                            c.blocks.size(), c.end - c.begin);
     }
   }
-  for (size_t i = 0; i < e.chunks.size(); ++i) {
-    if (e.chunks[i].sizes.empty() || checked_numel(e.chunks[i].sizes) == 0) continue;
-    for (size_t k = i + 1; k < e.chunks.size(); ++k) {
-      if (boxes_overlap(e.chunks[i], e.chunks[k])) {
-        return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has overlapping chunks", e.key);
-      }
-    }
+  std::vector<const ChunkRecord*> boxes;
+  boxes.reserve(e.chunks.size());
+  for (const ChunkRecord& c : e.chunks) boxes.push_back(&c);
+  if (find_overlapping_boxes(boxes, e.shape.size())) {
+    return make_error_at(Code::kCorrupt, e.key, "tensor '{}' has overlapping chunks", e.key);
   }
   if (covered != *numel) {
     return make_error_at(Code::kCorrupt, e.key,
@@ -327,51 +317,198 @@ bool is_plain_file_name(std::string_view name) {
 
 Status check_value_json(const json& v, std::string_view key) { return check_value_rec(v, key, 0); }
 
+namespace {
+
+// manifest_to_json writes the text nlohmann's dump(1) would give for the manifest's JSON
+// tree without building the tree: at 16k ranks a manifest has ~17M chunks, whose tree would
+// take tens of GB. Small parts (paths, values, file records) still go through nlohmann.
+class ManifestWriter {
+ public:
+  explicit ManifestWriter(std::string& out) : out_(out) {}
+
+  void indent(int level) { out_.append(static_cast<size_t>(level), ' '); }
+  // A value as dump(1) prints it nested `level` deep (its inner lines indented further).
+  void value(const nlohmann::ordered_json& v, int level) {
+    const std::string text = v.dump(1);
+    for (char c : text) {
+      out_ += c;
+      if (c == '\n') indent(level);
+    }
+  }
+  void key(std::string_view name, int level) {
+    indent(level);
+    out_ += '"';
+    out_ += name;  // the manifest's own field names, nothing to escape
+    out_ += "\": ";
+  }
+  void string(const std::string& s) {
+    auto [it, fresh] = escaped_.try_emplace(s);
+    if (fresh) it->second = nlohmann::ordered_json(s).dump();
+    out_ += it->second;
+  }
+  template <class Int>
+  void number(Int v) {
+    char buf[24];
+    auto r = std::to_chars(buf, buf + sizeof buf, v);
+    out_.append(buf, r.ptr);
+  }
+  void dims(const std::vector<int64_t>& v, int level) {
+    if (v.empty()) {
+      out_ += "[]";
+      return;
+    }
+    out_ += "[\n";
+    for (size_t i = 0; i < v.size(); ++i) {
+      indent(level + 1);
+      number(v[i]);
+      out_ += i + 1 < v.size() ? ",\n" : "\n";
+    }
+    indent(level);
+    out_ += ']';
+  }
+  void hex(uint64_t v) {
+    out_ += '"';
+    out_ += hex64(v);
+    out_ += '"';
+  }
+  // One chunk record, an element of "chunks" at `level`.
+  void chunk(const ChunkRecord& c, int level) {
+    indent(level);
+    out_ += "{\n";
+    key("offsets", level + 1);
+    dims(c.offsets, level + 1);
+    out_ += ",\n";
+    key("sizes", level + 1);
+    dims(c.sizes, level + 1);
+    out_ += ",\n";
+    key("file", level + 1);
+    string(c.file);
+    out_ += ",\n";
+    key("begin", level + 1);
+    number(c.begin);
+    out_ += ",\n";
+    key("end", level + 1);
+    number(c.end);
+    out_ += ",\n";
+    key("xxh3", level + 1);
+    hex(c.xxh3);
+    out_ += ",\n";
+    key("blocks", level + 1);
+    if (c.blocks.empty()) {
+      out_ += "[]";
+    } else {
+      out_ += "[\n";
+      for (size_t i = 0; i < c.blocks.size(); ++i) {
+        indent(level + 2);
+        hex(c.blocks[i]);
+        out_ += i + 1 < c.blocks.size() ? ",\n" : "\n";
+      }
+      indent(level + 1);
+      out_ += ']';
+    }
+    out_ += '\n';
+    indent(level);
+    out_ += '}';
+  }
+  void entry(const Entry& e, int level) {
+    indent(level);
+    out_ += "{\n";
+    key("key", level + 1);
+    string(e.key);
+    out_ += ",\n";
+    key("path", level + 1);
+    value(nlohmann::ordered_json(path_to_json(e.path)), level + 1);
+    out_ += ",\n";
+    key("kind", level + 1);
+    if (e.kind == Entry::Kind::kValue) {
+      out_ += "\"value\",\n";
+      key("value", level + 1);
+      value(nlohmann::ordered_json::parse(e.value.dump()), level + 1);
+    } else {
+      out_ += "\"tensor\",\n";
+      key("dtype", level + 1);
+      out_ += '"';
+      out_ += dtype_name(e.dtype);
+      out_ += "\",\n";
+      key("shape", level + 1);
+      dims(e.shape, level + 1);
+      out_ += ",\n";
+      key("chunks", level + 1);
+      if (e.chunks.empty()) {
+        out_ += "[]";
+      } else {
+        out_ += "[\n";
+        for (size_t i = 0; i < e.chunks.size(); ++i) {
+          chunk(e.chunks[i], level + 2);
+          out_ += i + 1 < e.chunks.size() ? ",\n" : "\n";
+        }
+        indent(level + 1);
+        out_ += ']';
+      }
+    }
+    out_ += '\n';
+    indent(level);
+    out_ += '}';
+  }
+
+ private:
+  std::string& out_;
+  std::unordered_map<std::string, std::string> escaped_;
+};
+
+}  // namespace
+
 std::string manifest_to_json(const Manifest& m) {
-  nlohmann::ordered_json j;
-  j["format"] = kFormatName;
-  j["format_version"] = m.format_version;
-  j["save_id"] = m.save_id;
-  j["world_size"] = m.world_size;
-  j["mesh"] = m.mesh_shape ? nlohmann::ordered_json{{"shape", *m.mesh_shape}} : nlohmann::ordered_json(nullptr);
-  j["block_size"] = m.block_size;
-  auto& files = j["files"] = nlohmann::ordered_json::array();
+  nlohmann::ordered_json head;
+  head["format"] = kFormatName;
+  head["format_version"] = m.format_version;
+  head["save_id"] = m.save_id;
+  head["world_size"] = m.world_size;
+  head["mesh"] = m.mesh_shape ? nlohmann::ordered_json{{"shape", *m.mesh_shape}} : nlohmann::ordered_json(nullptr);
+  head["block_size"] = m.block_size;
+  auto& files = head["files"] = nlohmann::ordered_json::array();
   for (const FileRecord& f : m.files) {
     files.push_back({{"name", f.name}, {"rank", f.rank}, {"size", f.size}});
   }
-  auto& ikd = j["int_key_dicts"] = nlohmann::ordered_json::array();
+  auto& ikd = head["int_key_dicts"] = nlohmann::ordered_json::array();
   for (const auto& path : m.int_key_dicts) {
     ikd.push_back(nlohmann::ordered_json(path_to_json(path)));
   }
-  auto& entries = j["entries"] = nlohmann::ordered_json::array();
+  // An upper bound of the text's size, reserved so that a manifest of gigabytes is not
+  // copied at each doubling of the string (a transient 3x its size).
+  size_t bound = head.dump(1).size() + 64;
   for (const Entry& e : m.entries) {
-    nlohmann::ordered_json o;
-    o["key"] = e.key;
-    o["path"] = path_to_json(e.path);
-    if (e.kind == Entry::Kind::kValue) {
-      o["kind"] = "value";
-      o["value"] = nlohmann::ordered_json::parse(e.value.dump());
-    } else {
-      o["kind"] = "tensor";
-      o["dtype"] = dtype_name(e.dtype);
-      o["shape"] = e.shape;
-      auto& chunks = o["chunks"] = nlohmann::ordered_json::array();
-      for (const ChunkRecord& c : e.chunks) {
-        nlohmann::ordered_json cj;
-        cj["offsets"] = c.offsets;
-        cj["sizes"] = c.sizes;
-        cj["file"] = c.file;
-        cj["begin"] = c.begin;
-        cj["end"] = c.end;
-        cj["xxh3"] = hex64(c.xxh3);
-        auto& blocks = cj["blocks"] = nlohmann::ordered_json::array();
-        for (uint64_t b : c.blocks) blocks.push_back(hex64(b));
-        chunks.push_back(std::move(cj));
-      }
+    bound += 256 + e.key.size() * 2 + 32 * e.path.size() + 24 * e.shape.size();
+    if (e.kind == Entry::Kind::kValue) bound += e.value.dump(1).size() * 2;
+    for (const ChunkRecord& c : e.chunks) {
+      // 7 fields at depth 5, dims and blocks at depth 6 (<= 20 digits, 16 hex + quotes).
+      bound += 7 * (6 + 12) + 2 * 8 + c.file.size() * 2 + 2 + 2 * 21 + 18 +
+               (c.offsets.size() + c.sizes.size()) * (7 + 22) + c.blocks.size() * (7 + 20) + 16;
     }
-    entries.push_back(std::move(o));
   }
-  return j.dump(1) + "\n";
+  std::string out;
+  out.reserve(bound);
+  ManifestWriter w(out);
+  out += "{\n";
+  for (const auto& field : head.items()) {
+    w.key(field.key(), 1);
+    w.value(field.value(), 1);
+    out += ",\n";
+  }
+  w.key("entries", 1);
+  if (m.entries.empty()) {
+    out += "[]";
+  } else {
+    out += "[\n";
+    for (size_t i = 0; i < m.entries.size(); ++i) {
+      w.entry(m.entries[i], 2);
+      out += i + 1 < m.entries.size() ? ",\n" : "\n";
+    }
+    w.indent(1);
+    out += ']';
+  }
+  out += "\n}\n";
+  return out;
 }
 
 Result<Manifest> parse_manifest(std::string_view text, std::string_view source) {

@@ -198,11 +198,16 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
   }
   TRY(agree(comm, std::move(st)));
 
-  // Every rank merges the same gathered plans into the same global plan.
+  // Every rank merges the same gathered plans into the same global plan, one plan at a time
+  // (each text is dropped once parsed), so no rank holds every rank's parsed plan.
   std::vector<std::string> texts = TRY(all_gather_bytes(comm, local_plan_to_json(local)));
-  std::vector<LocalPlan> plans;
-  for (const std::string& t : texts) plans.push_back(TRY(local_plan_from_json(t)));
-  GlobalPlan global = TRY(create_global_plan(plans, {opt.thread_count, opt.save_to_lowest_rank}));
+  GlobalPlanner planner({opt.thread_count, opt.save_to_lowest_rank});
+  for (std::string& t : texts) {
+    LocalPlan p = TRY(local_plan_from_json(t));
+    std::string().swap(t);
+    TRY(planner.add(std::move(p)));
+  }
+  GlobalPlan global = TRY(planner.finish());
 
   crash_point("save.before_write");
   Result<WriteResult> written = writer->write_data(global, rank, sources);

@@ -3,11 +3,13 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
-#include <map>
+#include <deque>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/base/make_error.h"
 #include "core/base/strings.h"
+#include "core/checkpoint/box_overlap.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -22,15 +24,6 @@ int64_t numel_of(const std::vector<int64_t>& dims) {
 
 Error plan_error(const std::string& key, std::string what) {
   return make_error_at(Code::kInvalidArgument, key, "Failed to validate global plan: {}", what);
-}
-
-bool overlap(const WriteItem& a, const WriteItem& b) {
-  for (size_t d = 0; d < a.offsets.size(); ++d) {
-    if (a.offsets[d] >= b.offsets[d] + b.sizes[d] || b.offsets[d] >= a.offsets[d] + a.sizes[d]) {
-      return false;
-    }
-  }
-  return true;
 }
 
 // _validate_global_plan for one tensor: bounds, pairwise disjoint boxes, full coverage.
@@ -51,15 +44,10 @@ Status validate_chunks(const std::string& key, const std::vector<const WriteItem
     }
     covered += numel_of(c->sizes);
   }
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    if (numel_of(chunks[i]->sizes) == 0) continue;
-    for (size_t k = i + 1; k < chunks.size(); ++k) {
-      if (numel_of(chunks[k]->sizes) != 0 && overlap(*chunks[i], *chunks[k])) {
-        return plan_error(key, fmt::format("chunks [{}] and [{}] of '{}' overlap",
-                                           fmt::join(chunks[i]->offsets, ", "),
-                                           fmt::join(chunks[k]->offsets, ", "), key));
-      }
-    }
+  if (auto pair = find_overlapping_boxes(chunks, shape.size())) {
+    return plan_error(key, fmt::format("chunks [{}] and [{}] of '{}' overlap",
+                                       fmt::join(chunks[pair->first]->offsets, ", "),
+                                       fmt::join(chunks[pair->second]->offsets, ", "), key));
   }
   if (covered != numel_of(shape)) {
     return plan_error(key, fmt::format("the chunks of '{}' cover {} of its {} elements", key,
@@ -77,7 +65,7 @@ void assign_files(RankPlan& rp, const std::string& save_id, int64_t rank, int fi
   struct Bucket {
     std::vector<size_t> items;
     uint64_t bytes = 0;
-    std::vector<std::string_view> keys;
+    std::unordered_set<std::string_view> keys;
   };
   std::vector<Bucket> buckets(static_cast<size_t>(std::max(1, files_per_rank)));
   for (size_t i : order) {
@@ -85,13 +73,13 @@ void assign_files(RankPlan& rp, const std::string& save_id, int64_t rank, int fi
     Bucket* best = nullptr;
     for (Bucket& b : buckets) {
       // A key may appear once per safetensors file.
-      if (std::find(b.keys.begin(), b.keys.end(), it.key) != b.keys.end()) continue;
+      if (b.keys.count(it.key) != 0) continue;
       if (best == nullptr || b.bytes < best->bytes) best = &b;
     }
     if (best == nullptr) best = &buckets.emplace_back();
     best->items.push_back(i);
     best->bytes += it.storage_bytes();
-    best->keys.push_back(it.key);
+    best->keys.insert(it.key);
   }
   int64_t index = 0;
   for (Bucket& b : buckets) {
@@ -126,99 +114,199 @@ bool is_data_file_name(std::string_view name) {
   return true;
 }
 
-Result<GlobalPlan> create_global_plan(const std::vector<LocalPlan>& plans, const PlanOptions& options) {
-  if (plans.empty()) return make_error(Code::kInternal, "no local plans to merge");
-  GlobalPlan g;
-  g.save_id = plans[0].save_id;
-  g.first_file_index = plans[0].first_file_index;
-  if (!parse_hex64(g.save_id)) return make_error(Code::kInternal, "the coordinator sent no save id");
-  g.ranks.resize(plans.size());
+namespace {
 
-  // Group items by (key, offsets) in first-seen order, as DCP's dedup does.
-  struct Group {
-    const WriteItem* item;
-    std::vector<size_t> ranks;
-  };
-  std::vector<Group> groups;
-  std::map<std::pair<std::string_view, std::vector<int64_t>>, size_t> index;
-  std::unordered_map<std::string_view, const WriteItem*> first_of_key;
-  std::vector<std::string_view> key_order;
-  for (size_t r = 0; r < plans.size(); ++r) {
-    for (const WriteItem& it : plans[r].items) {
-      auto [f, fresh] = first_of_key.emplace(it.key, &it);
-      if (fresh) {
-        key_order.push_back(it.key);
-      } else {
-        const WriteItem& a = *f->second;
-        if (a.kind != it.kind) {
-          return plan_error(it.key, fmt::format("'{}' is a tensor on one rank and a value on another", it.key));
-        }
-        if (a.kind == Entry::Kind::kTensor && (a.dtype != it.dtype || a.global_shape != it.global_shape)) {
-          return plan_error(it.key, fmt::format(
-              "ranks disagree on '{}': {} [{}] on one rank, {} [{}] on rank {}", it.key,
-              dtype_name(a.dtype), fmt::join(a.global_shape, ", "), dtype_name(it.dtype),
-              fmt::join(it.global_shape, ", "), r));
-        }
-      }
-      auto [gi, added] = index.emplace(std::make_pair(std::string_view(it.key), it.offsets), groups.size());
-      if (added) groups.push_back({&it, {}});
-      std::vector<size_t>& rs = groups[gi->second].ranks;
-      if (rs.empty() || rs.back() != r) rs.push_back(r);
-    }
+// Chunks are grouped by (key, offsets), as DCP's dedup_save_plans does with MetadataIndex.
+struct GroupKey {
+  uint32_t key;
+  const std::vector<int64_t>* offsets;
+  bool operator==(const GroupKey& o) const { return key == o.key && *offsets == *o.offsets; }
+};
+
+struct GroupKeyHash {
+  size_t operator()(const GroupKey& g) const {
+    // splitmix64's finaliser over each word: offsets are small multiples of a shard size,
+    // which a plain multiplicative hash maps to few buckets.
+    auto mix = [](uint64_t x) {
+      x ^= x >> 30;
+      x *= 0xbf58476d1ce4e5b9ull;
+      x ^= x >> 27;
+      x *= 0x94d049bb133111ebull;
+      return x ^ (x >> 31);
+    };
+    uint64_t h = mix(g.key);
+    for (int64_t v : *g.offsets) h = mix(h ^ static_cast<uint64_t>(v) + 0x9e3779b97f4a7c15ull);
+    return static_cast<size_t>(h);
   }
+};
 
-  // Greedy byte balance over every item in order (DCP's dedup_save_plans).
-  std::vector<uint64_t> load(plans.size(), 0);
-  std::unordered_map<std::string_view, std::vector<const WriteItem*>> chunks_of;
-  std::unordered_map<std::string_view, const WriteItem*> value_of;
-  for (const Group& grp : groups) {
-    size_t pick = grp.ranks.front();
-    if (!options.save_to_lowest_rank) {
-      for (size_t r : grp.ranks) {
-        if (load[r] < load[pick]) pick = r;
+// A chunk (or value) and the ranks that hold it, in rank order.
+struct Group {
+  WriteItem item;  // the first holder's
+  uint32_t key;
+  uint32_t first_rank;
+  std::vector<uint32_t> more_ranks;
+  // Values only: holders whose value differs from item.value_json.
+  std::vector<std::pair<uint32_t, std::string>> other_values;
+};
+
+struct KeyInfo {
+  const WriteItem* first;  // the first item seen of the key (in `groups`, which never moves)
+  std::vector<size_t> groups;
+};
+
+}  // namespace
+
+struct GlobalPlanner::State {
+  PlanOptions options;
+  uint32_t ranks = 0;
+  std::string save_id;
+  int64_t first_file_index = 0;
+  std::optional<std::vector<int64_t>> mesh_shape;
+  std::vector<Path> int_key_dicts;
+  std::deque<Group> groups;  // first-seen order; a deque, so items keep their addresses
+  std::unordered_map<GroupKey, size_t, GroupKeyHash> index;
+  std::unordered_map<std::string_view, uint32_t> key_ids;
+  std::vector<KeyInfo> keys;  // first-seen order
+};
+
+GlobalPlanner::GlobalPlanner(PlanOptions options) : s_(std::make_unique<State>()) { s_->options = options; }
+GlobalPlanner::~GlobalPlanner() = default;
+GlobalPlanner::GlobalPlanner(GlobalPlanner&&) noexcept = default;
+GlobalPlanner& GlobalPlanner::operator=(GlobalPlanner&&) noexcept = default;
+
+Status GlobalPlanner::add(LocalPlan plan) {
+  State& s = *s_;
+  const uint32_t r = s.ranks++;
+  if (r == 0) {
+    s.save_id = std::move(plan.save_id);
+    s.first_file_index = plan.first_file_index;
+    s.mesh_shape = std::move(plan.mesh_shape);
+    s.int_key_dicts = std::move(plan.int_key_dicts);
+  }
+  for (WriteItem& it : plan.items) {
+    uint32_t key;
+    if (auto k = s.key_ids.find(it.key); k != s.key_ids.end()) {
+      key = k->second;
+      const WriteItem& a = *s.keys[key].first;
+      if (a.kind != it.kind) {
+        return plan_error(it.key, fmt::format("'{}' is a tensor on one rank and a value on another", it.key));
       }
+      if (a.kind == Entry::Kind::kTensor && (a.dtype != it.dtype || a.global_shape != it.global_shape)) {
+        return plan_error(it.key, fmt::format(
+            "ranks disagree on '{}': {} [{}] on one rank, {} [{}] on rank {}", it.key,
+            dtype_name(a.dtype), fmt::join(a.global_shape, ", "), dtype_name(it.dtype),
+            fmt::join(it.global_shape, ", "), r));
+      }
+    } else {
+      key = static_cast<uint32_t>(s.keys.size());
+      s.keys.push_back({nullptr, {}});
     }
-    load[pick] += grp.item->storage_bytes();
-    if (grp.item->kind == Entry::Kind::kValue) {
-      // The value of the chosen rank is the one saved.
-      for (const WriteItem& it : plans[pick].items) {
-        if (it.key == grp.item->key) value_of[it.key] = &it;
+    auto g = s.index.find(GroupKey{key, &it.offsets});
+    if (g == s.index.end()) {
+      const size_t gi = s.groups.size();
+      Group& grp = s.groups.emplace_back(Group{std::move(it), key, r, {}, {}});
+      KeyInfo& info = s.keys[key];
+      if (info.first == nullptr) {
+        info.first = &grp.item;
+        s.key_ids.emplace(grp.item.key, key);
+      } else {
+        // The key's first item carries its path and shape for the manifest entry; the other
+        // chunks need neither (a third of a chunk's memory, at 16k ranks gigabytes).
+        Path().swap(grp.item.path);
+        std::vector<int64_t>().swap(grp.item.global_shape);
       }
+      info.groups.push_back(gi);
+      s.index.emplace(GroupKey{key, &grp.item.offsets}, gi);
       continue;
     }
-    const WriteItem* chosen = grp.item;
-    for (const WriteItem& it : plans[pick].items) {
-      if (it.key == grp.item->key && it.offsets == grp.item->offsets) chosen = &it;
+    Group& grp = s.groups[g->second];
+    if (r == grp.first_rank || (!grp.more_ranks.empty() && grp.more_ranks.back() == r)) continue;
+    if (grp.item.sizes != it.sizes) {
+      return plan_error(it.key, fmt::format(
+          "ranks disagree on the chunk of '{}' at offsets [{}]: sizes [{}] on rank {}, [{}] on rank {}", it.key,
+          fmt::join(it.offsets, ", "), fmt::join(grp.item.sizes, ", "), grp.first_rank,
+          fmt::join(it.sizes, ", "), r));
     }
-    g.ranks[pick].items.push_back(*chosen);
-    chunks_of[chosen->key].push_back(chosen);
+    grp.more_ranks.push_back(r);
+    if (it.kind == Entry::Kind::kValue && it.value_json != grp.item.value_json) {
+      grp.other_values.emplace_back(r, std::move(it.value_json));
+    }
+  }
+  return ok();
+}
+
+Result<GlobalPlan> GlobalPlanner::finish() {
+  State& s = *s_;
+  if (s.ranks == 0) return make_error(Code::kInternal, "no local plans to merge");
+  GlobalPlan g;
+  g.save_id = s.save_id;
+  g.first_file_index = s.first_file_index;
+  if (!parse_hex64(g.save_id)) return make_error(Code::kInternal, "the coordinator sent no save id");
+  g.ranks.resize(s.ranks);
+  s.index.clear();
+  s.key_ids.clear();
+
+  // Greedy byte balance over every item in first-seen order (DCP's dedup_save_plans).
+  std::vector<uint64_t> load(s.ranks, 0);
+  std::vector<uint32_t> pick(s.groups.size());
+  for (size_t i = 0; i < s.groups.size(); ++i) {
+    const Group& grp = s.groups[i];
+    uint32_t p = grp.first_rank;
+    if (!s.options.save_to_lowest_rank) {
+      for (uint32_t r : grp.more_ranks) {
+        if (load[r] < load[p]) p = r;
+      }
+    }
+    load[p] += grp.item.storage_bytes();
+    pick[i] = p;
   }
 
-  for (std::string_view key : key_order) {
-    const WriteItem& first = *first_of_key[key];
+  std::vector<const WriteItem*> chunks;
+  for (const KeyInfo& info : s.keys) {
+    const WriteItem& first = *info.first;
     Entry e;
     e.key = first.key;
     e.path = first.path;
     e.kind = first.kind;
     if (first.kind == Entry::Kind::kValue) {
-      json v = json::parse(value_of[key]->value_json, nullptr, false);
+      // The value of the rank chosen to write it is the one saved.
+      const Group& grp = s.groups[info.groups.front()];
+      const std::string* text = &grp.item.value_json;
+      for (const auto& [r, v] : grp.other_values) {
+        if (r == pick[info.groups.front()]) text = &v;
+      }
+      json v = json::parse(*text, nullptr, false);
       if (v.is_discarded()) return make_error_at(Code::kInternal, e.key, "value '{}' did not serialise", e.key);
       e.value = std::move(v);
     } else {
-      TRY(validate_chunks(e.key, chunks_of[key]));
+      chunks.clear();
+      for (size_t gi : info.groups) chunks.push_back(&s.groups[gi].item);
+      TRY(validate_chunks(e.key, chunks));
       e.dtype = first.dtype;
       e.shape = first.global_shape;
     }
     g.manifest.entries.push_back(std::move(e));
   }
+  s.keys.clear();
+  for (size_t i = 0; i < s.groups.size(); ++i) {
+    if (s.groups[i].item.kind == Entry::Kind::kTensor) g.ranks[pick[i]].items.push_back(std::move(s.groups[i].item));
+  }
+  s.groups.clear();
   g.manifest.save_id = g.save_id;
-  g.manifest.world_size = static_cast<int64_t>(plans.size());
-  g.manifest.mesh_shape = plans[0].mesh_shape;
-  g.manifest.int_key_dicts = plans[0].int_key_dicts;
-  for (size_t r = 0; r < plans.size(); ++r) {
-    assign_files(g.ranks[r], g.save_id, static_cast<int64_t>(r), options.files_per_rank);
+  g.manifest.world_size = static_cast<int64_t>(s.ranks);
+  g.manifest.mesh_shape = std::move(s.mesh_shape);
+  g.manifest.int_key_dicts = std::move(s.int_key_dicts);
+  for (size_t r = 0; r < g.ranks.size(); ++r) {
+    assign_files(g.ranks[r], g.save_id, static_cast<int64_t>(r), s.options.files_per_rank);
   }
   return g;
+}
+
+Result<GlobalPlan> create_global_plan(const std::vector<LocalPlan>& plans, const PlanOptions& options) {
+  GlobalPlanner planner(options);
+  for (const LocalPlan& p : plans) TRY(planner.add(p));
+  return planner.finish();
 }
 
 std::string local_plan_to_json(const LocalPlan& plan) {

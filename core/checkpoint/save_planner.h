@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -55,7 +56,9 @@ struct FilePlan {
 };
 
 struct RankPlan {
-  std::vector<WriteItem> items;  // the tensor chunks this rank writes
+  // The tensor chunks this rank writes: key, dtype, offsets and sizes. Path and global shape
+  // are the manifest entry's; only the first chunk of each key still carries them.
+  std::vector<WriteItem> items;
   std::vector<FilePlan> files;
 };
 
@@ -82,8 +85,36 @@ bool is_data_file_name(std::string_view name);
 
 // The global plan from every rank's local plan (indexed by rank). kInvalidArgument "Failed to
 // validate global plan: ..." when chunks of a tensor leave its bounds, overlap or do not
-// cover it, when ranks disagree on a key's dtype, shape or kind.
+// cover it, when ranks disagree on a key's dtype, shape or kind, or on the sizes of the chunk
+// at the same offsets. A value held by several ranks may differ between them: the value of
+// the rank chosen to write it is saved.
 Result<GlobalPlan> create_global_plan(const std::vector<LocalPlan>& plans, const PlanOptions& options);
+
+// create_global_plan one local plan at a time, as the plans are received or parsed: it keeps
+// one copy of each chunk (a replicated chunk once, with the ranks that hold it) and the
+// items' keys and shapes, never the N plans, so a coordinator of 16k ranks holds the unique
+// chunks of the checkpoint instead of every rank's copy of every replicated one. The cost
+// is linear in the items added (hashing), the validation of each tensor n log n in its chunks.
+//
+// Not thread-safe; one planner makes one global plan.
+class GlobalPlanner {
+ public:
+  explicit GlobalPlanner(PlanOptions options);
+  ~GlobalPlanner();
+  GlobalPlanner(GlobalPlanner&&) noexcept;
+  GlobalPlanner& operator=(GlobalPlanner&&) noexcept;
+
+  // The plan of the next rank (0, 1, ... in order; plan.rank is not consulted). Errors as
+  // create_global_plan for what the plans so far already show (kind, dtype, shape, chunk
+  // sizes disagreeing); after an error the planner must not be used again.
+  Status add(LocalPlan plan);
+  // The global plan of the ranks added; errors as create_global_plan. Spends the planner.
+  Result<GlobalPlan> finish();
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
 
 // Local plans travel between ranks as JSON.
 std::string local_plan_to_json(const LocalPlan& plan);

@@ -26,6 +26,13 @@ Error checksum_error(const Entry& entry, const ChunkRecord& chunk, uint64_t from
                        Chunk{chunk.offsets, chunk.sizes}.str());
 }
 
+Error whole_checksum_error(const Entry& entry, const ChunkRecord& chunk) {
+  return make_error_at(Code::kCorrupt, chunk.file,
+                       "checksum mismatch in data file '{}' for key '{}' (the whole-chunk checksum of chunk {}): "
+                       "the checkpoint is corrupt",
+                       chunk.file, entry.key, Chunk{chunk.offsets, chunk.sizes}.str());
+}
+
 Error with_key(Error e, const std::string& key) {
   e.message = fmt::format("{} (reading '{}')", e.message, key);
   return e;
@@ -93,6 +100,7 @@ void StorageReader::add_read(ChunkRead r) {
 
 Status StorageReader::run(int threads, uint64_t& bytes_read) {
   std::vector<Unit> units;
+  std::vector<char> checked(reads_.size(), 0);  // whole-chunk checksum done in its unit
   const uint64_t blocks_per_unit = std::max<uint64_t>(1, kUnitBytes / block_size_);
   for (size_t i = 0; i < reads_.size(); ++i) {
     const ChunkRead& r = reads_[i];
@@ -103,6 +111,11 @@ Status StorageReader::run(int threads, uint64_t& bytes_read) {
     const uint64_t first = r.runs.front().src / block_size_;
     const Run& last = r.runs.back();
     const uint64_t end = (last.src + last.len + block_size_ - 1) / block_size_;
+    if (verify_ && end - first <= blocks_per_unit && reads_whole_chunk(r)) {
+      units.push_back({i, first, end, true});
+      checked[i] = 1;
+      continue;
+    }
     for (uint64_t b = first; b < end; b += blocks_per_unit) {
       units.push_back({i, b, std::min(end, b + blocks_per_unit)});
     }
@@ -119,29 +132,29 @@ Status StorageReader::run(int threads, uint64_t& bytes_read) {
     return st;
   });
   bytes_read += total;
-  if (s.ok() && verify_) s = check_whole_chunks(threads);
+  if (s.ok() && verify_) s = check_whole_chunks(threads, checked);
   return s;
 }
 
-Status StorageReader::check_whole_chunks(int threads) const {
+bool StorageReader::reads_whole_chunk(const ChunkRead& r) {
+  uint64_t pos = 0;
+  for (const Run& run : r.runs) {
+    if (run.src != pos) return false;
+    pos += run.len;
+  }
+  return pos == r.chunk->nbytes();
+}
+
+Status StorageReader::check_whole_chunks(int threads, const std::vector<char>& checked) const {
   return parallel_for(reads_.size(), threads, [&](size_t i) -> Status {
     const ChunkRead& r = reads_[i];
-    if (r.memory.defined()) return ok();
-    uint64_t pos = 0;
-    for (const Run& run : r.runs) {
-      if (run.src != pos) return ok();  // part of the chunk only: its blocks were checked
-      pos += run.len;
-    }
-    if (pos != r.chunk->nbytes()) return ok();
+    if (r.memory.defined() || checked[i]) return ok();
+    // Part of the chunk only: its blocks were checked.
+    if (!reads_whole_chunk(r)) return ok();
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
     for (const Run& run : r.runs) XXH3_64bits_update(&state, run.dst, run.len);
-    if (XXH3_64bits_digest(&state) != r.chunk->xxh3) {
-      return make_error_at(Code::kCorrupt, r.chunk->file,
-                           "checksum mismatch in data file '{}' for key '{}' (the whole-chunk checksum of chunk {}): "
-                           "the checkpoint is corrupt",
-                           r.chunk->file, r.entry->key, Chunk{r.chunk->offsets, r.chunk->sizes}.str());
-    }
+    if (XXH3_64bits_digest(&state) != r.chunk->xxh3) return whole_checksum_error(*r.entry, *r.chunk);
     return ok();
   });
 }
@@ -161,11 +174,13 @@ Status StorageReader::read_unit(const ChunkRead& r, const Unit& u, char* bounce,
   auto run_it = std::upper_bound(r.runs.begin(), r.runs.end(), u.first_block * block_size_,
                                  [](uint64_t v, const Run& run) { return v < run.src + run.len; });
   XXH3_state_t state;
+  XXH3_state_t whole;
+  if (u.whole) XXH3_64bits_reset(&whole);
   for (uint64_t b = u.first_block; b < u.end_block; ++b) {
     const uint64_t bstart = b * block_size_;
     const uint64_t bend = std::min(bstart + block_size_, chunk_len);
     while (run_it != r.runs.end() && run_it->src + run_it->len <= bstart) ++run_it;
-    if (run_it == r.runs.end()) return ok();
+    if (run_it == r.runs.end()) break;
     if (run_it->src >= bend) continue;  // no byte of this block is needed
     if (verify_) XXH3_64bits_reset(&state);
     auto it = run_it;
@@ -187,12 +202,14 @@ Status StorageReader::read_unit(const ChunkRead& r, const Unit& u, char* bounce,
         data = bounce;
       }
       if (verify_) XXH3_64bits_update(&state, data, pe - ps);
+      if (u.whole) XXH3_64bits_update(&whole, data, pe - ps);
       bytes += pe - ps;
     }
     if (verify_ && (b >= r.chunk->blocks.size() || XXH3_64bits_digest(&state) != r.chunk->blocks[b])) {
       return checksum_error(*r.entry, *r.chunk, bstart, bend);
     }
   }
+  if (u.whole && XXH3_64bits_digest(&whole) != r.chunk->xxh3) return whole_checksum_error(*r.entry, *r.chunk);
   return ok();
 }
 

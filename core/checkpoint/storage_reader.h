@@ -43,19 +43,25 @@ class StorageReader {
     // are copied from it instead of read from the file.
     at::Tensor memory;
   };
-  // Blocks [first_block, end_block) of read `read`: what one thread reads in one go.
+  // Blocks [first_block, end_block) of read `read`: what one thread reads in one go. `whole`:
+  // the unit is all of a chunk read in full, so its whole-chunk checksum is computed in the
+  // same pass as the block checksums, while each step is still in the core's cache.
   struct Unit {
     size_t read;
     uint64_t first_block;
     uint64_t end_block;
+    bool whole = false;
   };
 
   // Opens (once) the file of a chunk and checks it is not shorter than the manifest says; a
   // dsd source's files are the descriptors it was validated with (source.h).
   Status open(const std::string& name, uint64_t expected_size);
-  // The whole-chunk checksum of every dsd chunk read in full (its runs cover all its bytes),
-  // over the bytes as they now lie in their destinations.
-  Status check_whole_chunks(int threads) const;
+  // Whether the runs of `r` cover every byte of its chunk.
+  static bool reads_whole_chunk(const ChunkRead& r);
+  // The whole-chunk checksum of every dsd chunk read in full (its runs cover all its bytes)
+  // that no `whole` unit has checked already (`checked[i]`), over the bytes as they now lie
+  // in their destinations.
+  Status check_whole_chunks(int threads, const std::vector<char>& checked) const;
   void add_read(ChunkRead r);
   // Keeps a chunk record made during planning (a DCP chunk's located raw range) alive for
   // the reads that point at it.

@@ -1,5 +1,7 @@
 #include "core/dist/gloo_comm.h"
 
+#include "core/dist/backends.h"
+
 #if DSD_HAVE_GLOO
 // ProcessGroupGloo.hpp declares nothing unless USE_C10D_GLOO is defined; libtorch_cpu has the
 // implementation. The torch wheel ships no Gloo headers, Debian's libgloo-dev does, and only

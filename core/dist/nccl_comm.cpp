@@ -1,5 +1,7 @@
 #include "core/dist/nccl_comm.h"
 
+#include "core/dist/backends.h"
+
 #include "core/base/make_error.h"
 
 #if DSD_HAVE_NCCL

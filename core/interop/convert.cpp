@@ -175,11 +175,7 @@ Status write_shard(const StateReader& reader, const std::string& dir, const Shar
   return f.close();
 }
 
-}  // namespace
-
-// ---- torch.save -----------------------------------------------------------------------------
-
-Status export_torch_save(const StateReader& reader, const std::string& path, const ConvertOptions& options) {
+Status write_torch_save(const StateReader& reader, const std::string& path, const ConvertOptions& options) {
   TRY(check_file_destination(path, options.overwrite));
   StateReader::Skeleton skel = TRY(reader.skeleton());
   Progress progress(options.progress, reader.tensor_bytes());
@@ -207,22 +203,9 @@ Status export_torch_save(const StateReader& reader, const std::string& path, con
   return sync_dir(parent_dir(path));
 }
 
-Status export_torch_save(const Dict& state_dict, const std::string& path, const ConvertOptions& options) {
-  auto reader = TRY(StateReader::of(state_dict));
-  return export_torch_save(*reader, path, options);
-}
-
-Result<DictPtr> import_torch_save(const std::string& path) {
-  Value v = TRY(torch_load(TorchArchive::file(path)));
-  if (!v.is_dict()) {
-    return make_error_at(Code::kUnsupported, path, "'{}' holds a {}, not a state dict (a dict)", path, kind_name(v.kind()));
-  }
-  return v.dict_ptr();
-}
-
 // ---- safetensors ------------------------------------------------------------------------------
 
-Status export_safetensors(const StateReader& reader, const std::string& dir, const ConvertOptions& options) {
+Status write_safetensors(const StateReader& reader, const std::string& dir, const ConvertOptions& options) {
   if (path_exists(dir) && !is_directory(dir)) {
     return make_error_at(Code::kExists, dir, "'{}' is a file; a safetensors export is a directory", dir);
   }
@@ -277,6 +260,72 @@ Status export_safetensors(const StateReader& reader, const std::string& dir, con
   return ok();
 }
 
+// A dsd or DCP checkpoint written by one process.
+Status write_checkpoint(const StateReader& reader, const std::string& dst, Format to, const ConvertOptions& options) {
+  StateReader::Skeleton skel = TRY(reader.skeleton());
+  Progress progress(options.progress, reader.tensor_bytes());
+  SaveOptions so;
+  so.overwrite = options.overwrite;
+  so.thread_count = options.thread_count;
+  so.format = to;
+  so.tensor_provider = [&](const std::string&, const at::Tensor& placeholder) -> Result<at::Tensor> {
+    auto it = skel.placeholders.find(placeholder.unsafeGetTensorImpl());
+    if (it == skel.placeholders.end()) return make_error(Code::kInternal, "a placeholder without a source");
+    at::Tensor t = TRY(reader.read_tensor(it->second));
+    progress.add(reader.items()[it->second].nbytes);
+    return t;
+  };
+  if (path_exists(dst) && !is_directory(dst)) {
+    return make_error_at(Code::kExists, dst, "'{}' is a file; a {} checkpoint is a directory", dst, format_name(to));
+  }
+  auto comm = make_local_communicator();
+  TRY(save(*comm, *skel.root, dst, so));
+  return ok();
+}
+
+// `reader` itself when the options select, rename and cast nothing; otherwise a view of it
+// (in `view`, which must outlive the use).
+Result<const StateReader*> viewed(const StateReader& reader, const ConvertOptions& options,
+                                  std::unique_ptr<StateReader>& view) {
+  const StateViewOptions vo = view_options(options);
+  if (is_identity(vo)) return &reader;
+  view = TRY(make_state_view(reader, vo));
+  return view.get();
+}
+
+}  // namespace
+
+StateViewOptions view_options(const ConvertOptions& options) {
+  return StateViewOptions{options.select, options.strip_prefix, options.dtype};
+}
+
+// ---- torch.save -----------------------------------------------------------------------------
+
+Status export_torch_save(const StateReader& reader, const std::string& path, const ConvertOptions& options) {
+  std::unique_ptr<StateReader> view;
+  return write_torch_save(*TRY(viewed(reader, options, view)), path, options);
+}
+
+Status export_torch_save(const Dict& state_dict, const std::string& path, const ConvertOptions& options) {
+  auto reader = TRY(StateReader::of(state_dict));
+  return export_torch_save(*reader, path, options);
+}
+
+Result<DictPtr> import_torch_save(const std::string& path) {
+  Value v = TRY(torch_load(TorchArchive::file(path)));
+  if (!v.is_dict()) {
+    return make_error_at(Code::kUnsupported, path, "'{}' holds a {}, not a state dict (a dict)", path, kind_name(v.kind()));
+  }
+  return v.dict_ptr();
+}
+
+// ---- safetensors ------------------------------------------------------------------------------
+
+Status export_safetensors(const StateReader& reader, const std::string& dir, const ConvertOptions& options) {
+  std::unique_ptr<StateReader> view;
+  return write_safetensors(*TRY(viewed(reader, options, view)), dir, options);
+}
+
 Status export_safetensors(const Dict& state_dict, const std::string& dir, const ConvertOptions& options) {
   auto reader = TRY(StateReader::of(state_dict));
   return export_safetensors(*reader, dir, options);
@@ -315,31 +364,15 @@ Result<DictPtr> read_all(const StateReader& reader, const ProgressFn& progress_f
 }
 
 Status convert(const StateReader& reader, const std::string& dst, Format to, const ConvertOptions& options) {
+  std::unique_ptr<StateReader> view;
+  const StateReader& r = *TRY(viewed(reader, options, view));
   switch (to) {
-    case Format::kTorchSave: return export_torch_save(reader, dst, options);
-    case Format::kSafetensors: return export_safetensors(reader, dst, options);
+    case Format::kTorchSave: return write_torch_save(r, dst, options);
+    case Format::kSafetensors: return write_safetensors(r, dst, options);
     case Format::kDsd:
     case Format::kDcp: break;
   }
-  StateReader::Skeleton skel = TRY(reader.skeleton());
-  Progress progress(options.progress, reader.tensor_bytes());
-  SaveOptions so;
-  so.overwrite = options.overwrite;
-  so.thread_count = options.thread_count;
-  so.format = to;
-  so.tensor_provider = [&](const std::string&, const at::Tensor& placeholder) -> Result<at::Tensor> {
-    auto it = skel.placeholders.find(placeholder.unsafeGetTensorImpl());
-    if (it == skel.placeholders.end()) return make_error(Code::kInternal, "a placeholder without a source");
-    at::Tensor t = TRY(reader.read_tensor(it->second));
-    progress.add(reader.items()[it->second].nbytes);
-    return t;
-  };
-  if (path_exists(dst) && !is_directory(dst)) {
-    return make_error_at(Code::kExists, dst, "'{}' is a file; a {} checkpoint is a directory", dst, format_name(to));
-  }
-  auto comm = make_local_communicator();
-  TRY(save(*comm, *skel.root, dst, so));
-  return ok();
+  return write_checkpoint(r, dst, to, options);
 }
 
 Status convert(const std::string& src, const std::string& dst, Format to, const ConvertOptions& options) {

@@ -12,11 +12,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/base/result.h"
 #include "core/interop/state_reader.h"
+#include "core/interop/state_view.h"
 #include "core/statedict/value.h"
 
 namespace dsd::interop {
@@ -32,14 +34,27 @@ struct ConvertOptions {
   ProgressFn progress;
   // A dsd source's data files may be symbolic links (checkpoint/source.h's OpenOptions).
   bool allow_external_files = false;
+  // What of the source is written, under which keys, in which dtype (state_view.h's
+  // StateViewOptions, applied to the reader by every function below): a key prefix
+  // ("model" or "model.": the subtree under "model"; empty: all), whether that prefix is
+  // dropped from the output keys, and the dtype every floating tensor is cast to.
+  std::string select;
+  bool strip_prefix = false;
+  std::optional<DType> dtype;
 };
 
-// Writes everything `reader` holds to `dst` in `to`. A checkpoint (dsd or DCP) is written by
+// The view options of `options`.
+StateViewOptions view_options(const ConvertOptions& options);
+
+// Writes everything `reader` holds (or what options.select selects, renamed and cast as the
+// options say) to `dst` in `to`. A checkpoint (dsd or DCP) is written by
 // one process (world size 1, whole tensors); torch.save as torch.save(state_dict) would
 // (nested, an OrderedDict at the top, torch.load with weights_only=True accepts it);
 // safetensors as a Hugging Face directory (see export_safetensors). Errors: kExists (`dst`
 // is there and !overwrite), kUnsupported (a safetensors export of a state that cannot be
-// flattened to tensors and values), and those of the reader and the writer.
+// flattened to tensors and values), those of make_state_view (kNotFound: select matches
+// nothing; kInvalidArgument: strip_prefix without select, a non-floating dtype, a key left
+// empty or two keys made one by the strip), and those of the reader and the writer.
 Status convert(const StateReader& reader, const std::string& dst, Format to, const ConvertOptions& options = {});
 // The same from a path of any format.
 Status convert(const std::string& src, const std::string& dst, Format to, const ConvertOptions& options = {});

@@ -5,7 +5,8 @@
  * - every option struct is read by one rule, checked by one helper over one table of
  *   (struct, function) rows: NULL is the defaults, struct_size = sizeof is read, a larger
  *   struct with an all-zero tail is accepted, a non-zero byte in that tail is
- *   DSD_E_UNSUPPORTED, any other struct_size (0, sizeof - 1) DSD_E_INVALID_ARGUMENT;
+ *   DSD_E_UNSUPPORTED, any other struct_size (0, sizeof - 1) DSD_E_INVALID_ARGUMENT; an
+ *   earlier version's struct_size is read up to its end (dsd_format_convert_options);
  * - 0 is never a valid enumeration value: a zeroed field is refused, never taken as the
  *   first constant. */
 #define _XOPEN_SOURCE 700
@@ -359,6 +360,60 @@ static void check_option_structs(Fixture* f) {
   for (size_t i = 0; i < sizeof kOptionRows / sizeof kOptionRows[0]; ++i) check_option_row(f, &kOptionRows[i]);
 }
 
+/* dsd_format_convert_options of the first 1.0 header ended at max_shard_size (24 bytes):
+ * such a caller's struct is read without a byte past it (here a wild select pointer, were
+ * it read), and select, strip_prefix and dtype keep their defaults. The fields themselves:
+ * select "w" with a cast to bfloat16 writes "w" alone, in bfloat16 ("step" left out). */
+static void check_convert_options_versions(Fixture* f) {
+  enum { kFirstSize = 24 };
+  alignas(max_align_t) unsigned char bytes[sizeof(dsd_format_convert_options)];
+  dsd_format_convert_options_init((dsd_format_convert_options*)bytes);
+  memset(bytes + kFirstSize, 0xA5, sizeof bytes - kFirstSize);
+  set_struct_size(bytes, kFirstSize);
+  const char* all = fresh_path(f, "first_size.pt");
+  CHECK_OK(dsd_format_convert(f->ckpt, all, DSD_FORMAT_TORCH, (const dsd_format_convert_options*)bytes, ERR));
+  dsd_state_dict* back = NULL;
+  size_t n = 0, at = 0;
+  CHECK_OK(dsd_torch_save_import(all, &back, ERR));
+  CHECK_OK(dsd_state_dict_size(back, &n, ERR));
+  CHECK(n == 2);
+  dsd_state_dict_release(back);
+  set_struct_size(bytes, kFirstSize + 8);
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "struct_size",
+               dsd_format_convert(f->ckpt, fresh_path(f, "between.pt"), DSD_FORMAT_TORCH,
+                                  (const dsd_format_convert_options*)bytes, ERR));
+
+  dsd_format_convert_options o;
+  dsd_format_convert_options_init(&o);
+  CHECK(o.select == NULL && !o.strip_prefix && o.dtype == 0);
+  o.select = "w";
+  o.dtype = DSD_DTYPE_BF16;
+  const char* cast = fresh_path(f, "cast.pt");
+  CHECK_OK(dsd_format_convert(f->ckpt, cast, DSD_FORMAT_TORCH, &o, ERR));
+  CHECK_OK(dsd_torch_save_import(cast, &back, ERR));
+  CHECK_OK(dsd_state_dict_size(back, &n, ERR));
+  CHECK(n == 1);
+  CHECK_OK(dsd_state_dict_find(back, "w", &at, ERR));
+  dsd_tensor t = {0};
+  dsd_tensor_info info;
+  CHECK_OK(dsd_state_dict_get_tensor(back, at, &t, ERR));
+  CHECK_OK(dsd_tensor_info_get(t, &info, ERR));
+  CHECK(info.dtype == DSD_DTYPE_BF16);
+  CHECK_OK(dsd_tensor_release(t, ERR));
+  dsd_state_dict_release(back);
+
+  o.dtype = DSD_DTYPE_I32;
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "int32", dsd_format_convert(f->ckpt, fresh_path(f, "int.pt"), DSD_FORMAT_TORCH, &o, ERR));
+  o.dtype = 99;
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "dtype 99", dsd_format_convert(f->ckpt, fresh_path(f, "bad.pt"), DSD_FORMAT_TORCH, &o, ERR));
+  o.dtype = 0;
+  o.select = "nope";
+  EXPECT_ERROR(DSD_E_NOT_FOUND, "nope", dsd_format_convert(f->ckpt, fresh_path(f, "nope.pt"), DSD_FORMAT_TORCH, &o, ERR));
+  o.select = NULL;
+  o.strip_prefix = true;
+  EXPECT_ERROR(DSD_E_INVALID_ARGUMENT, "strip_prefix", dsd_format_convert(f->ckpt, fresh_path(f, "strip.pt"), DSD_FORMAT_TORCH, &o, ERR));
+}
+
 /* ------------------------------------------------------------------------------------------
  * 0 is never an enumeration value. */
 
@@ -412,6 +467,7 @@ int main(void) {
   fixture_init(&f);
   check_err_must_be_null_on_entry(&f);
   check_option_structs(&f);
+  check_convert_options_versions(&f);
   check_zero_is_no_enum_value(&f);
   fixture_free(&f);
   CHECK_DONE();

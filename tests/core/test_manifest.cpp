@@ -8,6 +8,7 @@
 #include <functional>
 
 #include "core/base/strings.h"
+#include "core/checkpoint/write_results.h"
 
 namespace dsd::checkpoint {
 namespace {
@@ -62,6 +63,93 @@ TEST(Manifest, RoundTrips) {
   EXPECT_EQ(m->entries[0].chunks[1].xxh3, 8u);
   EXPECT_EQ(m->entries[1].value, good().entries[1].value);
   EXPECT_EQ(m->int_key_dicts.size(), 1u);
+}
+
+TEST(Manifest, IsWrittenAsNlohmannPrettyPrintsIt) {
+  // manifest_to_json streams the text; it must be what dump(1) of the same tree gives, for a
+  // manifest with every kind of field (empty arrays, a 0-d tensor, nested values) too.
+  Manifest m = good();
+  Entry scalar;
+  scalar.key = "s\"q";
+  scalar.path = {std::string("s\"q")};
+  scalar.shape = {};
+  scalar.chunks = {{{}, {}, "f1.safetensors", 56, 60, 9, {3}}};
+  m.entries.push_back(scalar);
+  Entry empty = good().entries[0];
+  empty.key = "e.3";
+  empty.path = {std::string("e"), int64_t{3}};
+  empty.shape = {0, 2};
+  empty.chunks = {{{0, 0}, {0, 2}, "f0.safetensors", 56, 56, 0, {}}};
+  m.entries.push_back(empty);
+  for (const Manifest& x : {m, Manifest{}}) {
+    const std::string text = manifest_to_json(x);
+    EXPECT_EQ(text, nlohmann::ordered_json::parse(text).dump(1) + "\n");
+  }
+  auto back = parse_manifest(manifest_to_json(m));
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(manifest_to_json(*back), manifest_to_json(m));
+}
+
+TEST(Manifest, OverlapsAreFoundAmongManyChunks) {
+  // 4096 row chunks of a [4096, 2] tensor in shuffled order (the sweep sorts them), then one
+  // chunk widened into its neighbour.
+  Manifest m;
+  m.save_id = "0123456789abcdef";
+  m.block_size = 1u << 20;
+  m.files = {{"f", 0, 4096 * 8}};
+  Entry t;
+  t.key = "w";
+  t.path = {std::string("w")};
+  t.shape = {4096, 2};
+  for (int64_t i = 0; i < 4096; ++i) {
+    const int64_t r = (i * 2654435761) % 4096;  // a permutation of the rows
+    t.chunks.push_back({{r, 0}, {1, 2}, "f", static_cast<uint64_t>(r) * 8, static_cast<uint64_t>(r) * 8 + 8, 0, {0}});
+  }
+  m.entries = {t};
+  ASSERT_TRUE(validate_manifest(m).ok()) << validate_manifest(m).error().message;
+  // Row 100 grows into row 101, and row 101 moves its bytes away so only the boxes collide.
+  for (ChunkRecord& c : m.entries[0].chunks) {
+    if (c.offsets[0] == 100) { c.sizes = {2, 2}; c.end = c.begin + 16; }
+    if (c.offsets[0] == 101) { c.sizes = {1, 1}; c.offsets = {101, 1}; c.begin = 4096 * 8 - 4; c.end = 4096 * 8; }
+  }
+  m.files[0].size = 4096 * 8;
+  auto s = validate_manifest(m);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.error().message, HasSubstr("overlapping chunks"));
+}
+
+TEST(Manifest, WriteResultsMergeIntoTheManifest) {
+  // Each rank's encoded results (files, chunk locations, checksums) fill the entries of a
+  // manifest without chunks; the merged manifest equals the one written directly.
+  const Manifest want = good();
+  Manifest m = want;
+  for (Entry& e : m.entries) e.chunks.clear();
+  m.files.clear();
+  std::vector<std::string> results;
+  for (int64_t r = 0; r < 2; ++r) {
+    const ChunkRecord& c = want.entries[0].chunks[static_cast<size_t>(r)];
+    results.push_back(encode_write_results(std::vector<FileRecord>{want.files[static_cast<size_t>(r)]},
+                                           std::vector<WrittenChunk>{{"w", c}}));
+  }
+  std::swap(results[0], results[1]);  // chunks are sorted by offsets, whatever the rank order
+  Manifest merged = m;
+  ASSERT_TRUE(merge_write_results(merged, results).ok());
+  Manifest sorted_files = want;
+  std::swap(sorted_files.files[0], sorted_files.files[1]);
+  EXPECT_EQ(manifest_to_json(merged), manifest_to_json(sorted_files));
+  // Truncated, padded or foreign bytes are kComm naming the rank.
+  for (std::string bad : {results[1].substr(0, results[1].size() - 3), results[1] + "x", std::string("{\"files\": []}")}) {
+    Manifest x = m;
+    auto s = merge_write_results(x, {results[0], bad});
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.error().code, Code::kComm);
+    EXPECT_THAT(s.error().message, HasSubstr("rank 1 sent malformed write results"));
+  }
+  // Results that leave a tensor uncovered do not validate.
+  Manifest x = m;
+  auto s = merge_write_results(x, {results[0]});
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code, Code::kInternal);
 }
 
 TEST(Manifest, BadJson) {

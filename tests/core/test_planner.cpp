@@ -2,6 +2,8 @@
 // bytes (DCP's dedup_save_plans), validation failures, file assignment and naming.
 #include "core/checkpoint/save_planner.h"
 
+#include "core/checkpoint/load_planner.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -129,6 +131,123 @@ TEST(Planner, FilesAreBalancedUniquePerSaveAndHoldAKeyOnce) {
   EXPECT_TRUE(is_data_file_name(files[1].name));
   EXPECT_FALSE(is_data_file_name("model-00001-of-00002.safetensors"));
   EXPECT_FALSE(is_data_file_name("00112233445566ff-00000-000.safetensors.tmp"));
+}
+
+TEST(Planner, ValuesThatDifferBetweenRanksAreTakenFromTheWriter) {
+  // "v" is on both ranks with different values; w's 400 bytes load rank 0 first, so rank 1
+  // writes "v", and its value is the one saved.
+  auto g = create_global_plan(ranks({{whole("w", {100}), value("v", "1")}, {value("v", "2")}}), {});
+  ASSERT_TRUE(g.ok()) << g.error().message;
+  ASSERT_EQ(g->manifest.entries.size(), 2u);
+  EXPECT_EQ(g->manifest.entries[1].value, 2);
+  PlanOptions lowest;
+  lowest.save_to_lowest_rank = true;
+  auto l = create_global_plan(ranks({{whole("w", {100}), value("v", "1")}, {value("v", "2")}}), lowest);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->manifest.entries[1].value, 1);
+}
+
+TEST(Planner, ReplicasThatDisagreeOnAChunkAreRefused) {
+  auto g = create_global_plan(ranks({{chunk("w", {10}, {0}, {10})}, {chunk("w", {10}, {0}, {5}), chunk("w", {10}, {5}, {5})}}), {});
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.error().code, Code::kInvalidArgument);
+  EXPECT_THAT(g.error().message, HasSubstr("ranks disagree on the chunk of 'w' at offsets [0]: sizes [10] on rank 0, [5] on rank 1"));
+}
+
+// Shard(0) of `rows` rows over `n` ranks, torch.chunk style, plus a replicated scalar.
+std::vector<LocalPlan> fsdp(int64_t n, int64_t rows) {
+  std::vector<std::vector<WriteItem>> items(static_cast<size_t>(n));
+  const int64_t per = (rows + n - 1) / n;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t off = std::min(rows, per * r);
+    items[r].push_back(chunk("w", {rows, 3}, {off, 0}, {std::min(per, rows - off), 3}));
+    items[r].push_back(whole("step", {}));
+  }
+  return ranks(std::move(items));
+}
+
+TEST(Planner, ShardedOverManyRanksEachRankWritesItsChunkAndEmptyShardsOnce) {
+  // 4096 ranks, 3000 rows: ranks 0..2999 hold a row each, the rest empty shards (offset 3000,
+  // as torch's compute_local_shape_and_global_offset gives), which dedup to one item.
+  PlanOptions opt;
+  opt.save_to_lowest_rank = true;
+  GlobalPlanner planner(opt);
+  for (LocalPlan& p : fsdp(4096, 3000)) ASSERT_TRUE(planner.add(std::move(p)).ok());
+  auto g = planner.finish();
+  ASSERT_TRUE(g.ok()) << g.error().message;
+  ASSERT_EQ(g->ranks.size(), 4096u);
+  EXPECT_EQ(g->ranks[0].items.size(), 2u);  // its row and step
+  for (int r = 1; r < 3000; ++r) ASSERT_EQ(g->ranks[r].items.size(), 1u) << r;
+  // The first rank with an empty shard writes the one empty chunk; the others nothing.
+  ASSERT_EQ(g->ranks[3000].items.size(), 1u);
+  EXPECT_EQ(g->ranks[3000].items[0].sizes, (std::vector<int64_t>{0, 3}));
+  EXPECT_TRUE(g->ranks[3001].items.empty());
+  EXPECT_EQ(g->ranks[17].items[0].offsets, (std::vector<int64_t>{17, 0}));
+  EXPECT_EQ(g->manifest.world_size, 4096);
+  // A rank whose chunk overlaps its neighbour's is found among the 4096.
+  auto bad = fsdp(4096, 3000);
+  bad[2500].items[0].sizes = {2, 3};
+  auto e = create_global_plan(bad, opt);
+  ASSERT_FALSE(e.ok());
+  EXPECT_THAT(e.error().message, HasSubstr("chunks [2500, 0] and [2501, 0] of 'w' overlap"));
+}
+
+// The saved chunks of a [rows, cols] tensor cut into a grid of torch.chunk pieces.
+Entry grid_entry(int64_t rows, int64_t cols, int64_t pr, int64_t pc) {
+  Entry e;
+  e.key = "w";
+  e.shape = {rows, cols};
+  for (int64_t i = 0; i < pr; ++i) {
+    for (int64_t j = 0; j < pc; ++j) {
+      const ChunkSpan a = chunk_span(rows, pr, i), b = chunk_span(cols, pc, j);
+      e.chunks.push_back({{a.offset, b.offset}, {a.size, b.size}, "f", 0, 0, 0, {}});
+    }
+  }
+  return e;
+}
+
+TEST(Planner, ChunkIndexFindsWhatAScanFinds) {
+  // Saved as 1-D and 2-D grids (uneven, with empty pieces), loaded as other grids: the
+  // indexed lookup gives every destination the ReadItems of the full scan, in its order.
+  struct Shape {
+    int64_t pr, pc;
+  };
+  for (Shape saved : {Shape{7, 1}, Shape{1, 5}, Shape{4, 3}, Shape{16, 1}, Shape{3, 16}}) {
+    const Entry e = grid_entry(13, 10, saved.pr, saved.pc);
+    const ChunkIndex index(e);
+    for (Shape load : {Shape{1, 1}, Shape{3, 1}, Shape{5, 2}, Shape{2, 7}, Shape{13, 10}}) {
+      const Entry dst = grid_entry(13, 10, load.pr, load.pc);
+      for (const ChunkRecord& d : dst.chunks) {
+        LoadTarget t;
+        t.key = "w";
+        t.local = Chunk{d.offsets, d.sizes};
+        std::vector<ReadItem> scanned, indexed;
+        add_read_items(e, t, scanned);
+        index.add_read_items(t, indexed);
+        ASSERT_EQ(indexed.size(), scanned.size()) << t.local.str();
+        for (size_t i = 0; i < scanned.size(); ++i) EXPECT_EQ(indexed[i].chunk, scanned[i].chunk);
+        int64_t covered = 0;
+        for (const ReadItem& r : indexed) {
+          int64_t n = 1;
+          for (size_t k = 0; k < 2; ++k) {
+            n *= std::min(r.chunk->offsets[k] + r.chunk->sizes[k], t.local.offsets[k] + t.local.sizes[k]) -
+                 std::max(r.chunk->offsets[k], t.local.offsets[k]);
+          }
+          covered += n;
+        }
+        EXPECT_EQ(covered, t.local.numel());
+      }
+    }
+  }
+  Entry scalar;
+  scalar.key = "s";
+  scalar.chunks = {{{}, {}, "f", 0, 4, 0, {0}}};
+  const ChunkIndex si(scalar);
+  LoadTarget t;
+  t.local = Chunk{{}, {}};
+  std::vector<ReadItem> items;
+  si.add_read_items(t, items);
+  EXPECT_EQ(items.size(), 1u);
 }
 
 TEST(Planner, LocalPlansRoundTripAsJson) {

@@ -76,5 +76,8 @@ int main(void) {
   FIELD(dsd_format_convert_options, overwrite);
   FIELD(dsd_format_convert_options, thread_count);
   FIELD(dsd_format_convert_options, max_shard_size);
+  FIELD(dsd_format_convert_options, select);
+  FIELD(dsd_format_convert_options, strip_prefix);
+  FIELD(dsd_format_convert_options, dtype);
   return 0;
 }

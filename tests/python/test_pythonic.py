@@ -264,13 +264,6 @@ def test_python_m_dsd_runs_the_cli(tmp_path):
     assert dsd.cli_main(["verify", str(tmp_path / "missing")]) == 3
 
 
-def test_console_script_is_declared():
-    with open(os.path.join(PACKAGE_DIR, "..", "pyproject.toml"), encoding="utf-8") as f:
-        text = f.read()
-    assert 'dsd = "dsd._cli:main"' in text
-    assert '"py.typed"' in text
-
-
 # --- typing and docstrings -------------------------------------------------------------------
 
 def test_py_typed_is_shipped():

@@ -91,7 +91,7 @@ function __init__()
     return nothing
 end
 
-"The library's version string (\"0.2.0\")."
+"The library's version string (\"0.3.0\")."
 version() = _string(L.dsd_version_string())
 
 # ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ end
 
 # Constants (#define)
 const DSD_ABI_VERSION_MAJOR = 1
-const DSD_ABI_VERSION_MINOR = 0
+const DSD_ABI_VERSION_MINOR = 1
 const DSD_OK = 0
 const DSD_E_INVALID_ARGUMENT = 1
 const DSD_E_STALE_HANDLE = 2
@@ -88,7 +88,7 @@ function dsd_abi_version()
     @ccall libdsd.dsd_abi_version()::UInt32
 end
 
-# The library's semantic version, e.g. "0.2.0". Static storage. Any thread.
+# The library's semantic version, e.g. "0.3.0". Static storage. Any thread.
 # const char* dsd_version_string()
 function dsd_version_string()
     @ccall libdsd.dsd_version_string()::Cstring
@@ -1221,6 +1221,9 @@ struct dsd_format_convert_options
     overwrite::Bool
     thread_count::Int32
     max_shard_size::UInt64
+    select::Cstring
+    strip_prefix::Bool
+    dtype::dsd_dtype
 end
 
 # Fills `options` with the defaults. NULL is a no-op.
@@ -1236,14 +1239,36 @@ function dsd_format_detect(path, out, err)
     @ccall libdsd.dsd_format_detect(path::Cstring, out::Ptr{dsd_format}, err::Ptr{Ptr{dsd_error}})::dsd_status
 end
 
+# A description of what is at `path` (any format, detected; dsd_format_detect), read from its
+# metadata alone: no tensor data is read. *out receives a new state dict of plain values that
+# the caller releases: {"format": "dsd" | "dcp" | "torch" | "safetensors", "world_size": the
+# ranks that wrote it (1 for a single file), "entries": {flat key: {"kind": "tensor" | "value",
+# "path": [the nested path: str keys and int list indices], and for tensors: "dtype" (torch's
+# name: "float32"), "shape": [int...], "nbytes": int (numel * element size), "chunks":
+# [{"offsets": [int...], "sizes": [int...]}...] (the saved pieces; one covering the tensor for a
+# single file)}}} Entries are in the order of the checkpoint's manifest or file. `options` may
+# be NULL (the defaults); only its allow_external_files is read (as for dsd_checkpoint_load: a
+# dsd checkpoint's data files are opened without following links unless it is true). Single
+# process; any thread. Returns DSD_E_NOT_FOUND (nothing there, or a directory holding no
+# checkpoint), DSD_E_CORRUPT (a malformed manifest, metadata or header, naming the file),
+# DSD_E_UNSUPPORTED (a file of another kind; unknown option bytes), DSD_E_IO.
+# dsd_status dsd_format_inspect(const char* path, const dsd_checkpoint_load_options* options, dsd_state_dict** out, dsd_error** err)
+function dsd_format_inspect(path, options, out, err)
+    @ccall libdsd.dsd_format_inspect(path::Cstring, options::Ptr{dsd_checkpoint_load_options}, out::Ptr{Ptr{dsd_state_dict}}, err::Ptr{Ptr{dsd_error}})::dsd_status
+end
+
 # Converts what is at `src` (any format, detected) into `dst` in format `to`, tensor by tensor:
 # a sharded checkpoint's tensors are assembled one at a time, so memory holds about one tensor
 # per writer thread (a torch.save source is mapped, not read into memory). A checkpoint is
 # written as by one process; torch.save as an OrderedDict that torch.load (weights_only=True)
-# accepts; safetensors as a consolidated Hugging Face directory with its index. `options` may be
-# NULL. Single process; any thread. Returns DSD_E_EXISTS (`dst` exists and !overwrite),
-# DSD_E_INVALID_ARGUMENT (unknown format), DSD_E_NOT_FOUND, DSD_E_CORRUPT, DSD_E_UNSUPPORTED
-# (naming what cannot be represented; unknown option bytes), DSD_E_IO, DSD_E_NO_SPACE.
+# accepts; safetensors as a consolidated Hugging Face directory with its index. The options'
+# select, strip_prefix and dtype choose what is written: the model of a training checkpoint
+# {"model", "optim", "step"}, keyed and cast as Hugging Face's from_pretrained expects, is
+# select "model", strip_prefix, DSD_DTYPE_BF16. `options` may be NULL. Single process; any
+# thread. Returns DSD_E_EXISTS (`dst` exists and !overwrite), DSD_E_INVALID_ARGUMENT (unknown
+# format; strip_prefix without select, a non-floating dtype, keys the strip empties or merges),
+# DSD_E_NOT_FOUND (also: select matches no key), DSD_E_CORRUPT, DSD_E_UNSUPPORTED (naming what
+# cannot be represented; unknown option bytes), DSD_E_IO, DSD_E_NO_SPACE.
 # dsd_status dsd_format_convert(const char* src, const char* dst, dsd_format to, const dsd_format_convert_options* options, dsd_error** err)
 function dsd_format_convert(src, dst, to, options, err)
     @ccall libdsd.dsd_format_convert(src::Cstring, dst::Cstring, to::dsd_format, options::Ptr{dsd_format_convert_options}, err::Ptr{Ptr{dsd_error}})::dsd_status
@@ -1252,8 +1277,10 @@ end
 # Writes the state dict `sd` (full CPU or CUDA tensors, no distributed tensors) as a torch.save
 # file at `path` (written aside and renamed: complete or absent), which torch.load with
 # weights_only=True reads back identically: the top level as an OrderedDict, int-keyed dicts
-# with int keys, tuples as tuples. Borrows `sd`. `options` may be NULL. Returns DSD_E_EXISTS,
-# DSD_E_UNSUPPORTED (a distributed tensor; option bytes), DSD_E_IO, DSD_E_NO_SPACE.
+# with int keys, tuples as tuples. Borrows `sd`. `options` may be NULL; its select, strip_prefix
+# and dtype apply as for dsd_format_convert(). Returns DSD_E_EXISTS, DSD_E_UNSUPPORTED (a
+# distributed tensor; option bytes), DSD_E_IO, DSD_E_NO_SPACE, and those of the options as for
+# dsd_format_convert().
 # dsd_status dsd_torch_save_export(const dsd_state_dict* sd, const char* path, const dsd_format_convert_options* options, dsd_error** err)
 function dsd_torch_save_export(sd, path, options, err)
     @ccall libdsd.dsd_torch_save_export(sd::Ptr{dsd_state_dict}, path::Cstring, options::Ptr{dsd_format_convert_options}, err::Ptr{Ptr{dsd_error}})::dsd_status
@@ -1273,9 +1300,10 @@ end
 # model-0000i-of-0000N.safetensors files of at most options->max_shard_size data bytes each and
 # model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}), keyed by flat keys
 # ("model.layer.weight"). Non-tensor values and the nesting travel in the first file's
-# __metadata__ ("dsd.state") for dsd_safetensors_import. `options` may be NULL. Returns
-# DSD_E_EXISTS, DSD_E_UNSUPPORTED (a dtype safetensors lacks; option bytes), DSD_E_IO,
-# DSD_E_NO_SPACE.
+# __metadata__ ("dsd.state") for dsd_safetensors_import. `options` may be NULL; its select,
+# strip_prefix and dtype apply as for dsd_format_convert(). Returns DSD_E_EXISTS,
+# DSD_E_UNSUPPORTED (a dtype safetensors lacks; option bytes), DSD_E_IO, DSD_E_NO_SPACE, and
+# those of the options as for dsd_format_convert().
 # dsd_status dsd_safetensors_export(const dsd_state_dict* sd, const char* dir, const dsd_format_convert_options* options, dsd_error** err)
 function dsd_safetensors_export(sd, dir, options, err)
     @ccall libdsd.dsd_safetensors_export(sd::Ptr{dsd_state_dict}, dir::Cstring, options::Ptr{dsd_format_convert_options}, err::Ptr{Ptr{dsd_error}})::dsd_status

@@ -21,7 +21,7 @@ from ._errors import (AbiMismatchError, BufferTooSmallError, CallbackError, Comm
                       StaleHandleError, StateError, TimeoutError, UnexpectedKeyError,
                       UnsupportedError, WrongKindError)
 from ._formats import (convert, detect_format, export_safetensors, export_torch_save,
-                       import_safetensors, import_torch_save)
+                       import_safetensors, import_torch_save, inspect)
 from ._lib import ffi, lib, library_path
 from ._state_dict_api import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                               get_state_dict, optim_state_dict_to_fqn,
@@ -37,7 +37,7 @@ def abi_version() -> tuple[int, int]:
 
 
 def version() -> str:
-    """libdsd's version, e.g. "0.2.0"."""
+    """libdsd's version, e.g. "0.3.0"."""
     return _capi.version_string()
 
 
@@ -55,7 +55,7 @@ __all__ = [
     "UnsupportedError", "WrongKindError", "abi_version", "async_save", "cli_main", "convert",
     "detect_format", "export_safetensors", "export_torch_save", "ffi", "from_dtensor",
     "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict", "import_safetensors",
-    "import_torch_save", "lib", "library_path", "load", "load_full", "optim_state_dict_to_fqn",
+    "import_torch_save", "inspect", "lib", "library_path", "load", "load_full", "optim_state_dict_to_fqn",
     "optim_state_dict_to_positional", "save", "set_model_state_dict", "set_optimizer_state_dict",
     "set_state_dict", "to_dtensor", "use_communicator", "verify", "version",
 ]

@@ -863,11 +863,36 @@ class LoadOptions:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
-    """dsd_format_convert_options; None keeps the library's default."""
+    """dsd_format_convert_options; None keeps the library's default. `dtype` is a PyTorch
+    dtype name without "torch." ("bfloat16")."""
 
     overwrite: bool = False
     thread_count: int = 0
     max_shard_size: int | None = None
+    select: str | None = None
+    strip_prefix: bool = False
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            dtype_code(self.dtype)  # an unknown name fails before any work starts
+
+
+_DTYPE_CODES: dict[str, int] = {}
+
+
+def dtype_code(name: str) -> int:
+    """The DSD_DTYPE_* of a PyTorch dtype name ("bfloat16" or "torch.bfloat16")."""
+    if not _DTYPE_CODES:
+        code = 1
+        while (n := lib.dsd_dtype_name(code)) != ffi.NULL:
+            _DTYPE_CODES[ffi.string(n).decode("ascii")] = code
+            code += 1
+    key = name.removeprefix("torch.")
+    try:
+        return _DTYPE_CODES[key]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPE_CODES)}") from None
 
 
 def _save_options(o: SaveOptions | None) -> CData:
@@ -897,16 +922,27 @@ def _load_options(o: LoadOptions | None) -> CData:
     return c
 
 
-def _convert_options(o: ConvertOptions | None) -> CData:
-    if o is None:
-        return ffi.NULL
-    c = ffi.new("dsd_format_convert_options*")
-    lib.dsd_format_convert_options_init(c)
-    c.overwrite = o.overwrite
-    c.thread_count = o.thread_count
-    if o.max_shard_size is not None:
-        c.max_shard_size = o.max_shard_size
-    return c
+class _ConvertOptionsArg:
+    """dsd_format_convert_options for one call (`ptr`), and the select string it points to."""
+
+    def __init__(self, o: ConvertOptions | None):
+        self.ptr = ffi.NULL
+        self._select = ffi.NULL
+        if o is None:
+            return
+        c = ffi.new("dsd_format_convert_options*")
+        lib.dsd_format_convert_options_init(c)
+        c.overwrite = o.overwrite
+        c.thread_count = o.thread_count
+        if o.max_shard_size is not None:
+            c.max_shard_size = o.max_shard_size
+        if o.select is not None:
+            self._select = ffi.new("char[]", o.select.encode("utf-8"))
+            c.select = self._select
+        c.strip_prefix = o.strip_prefix
+        if o.dtype is not None:
+            c.dtype = dtype_code(o.dtype)
+        self.ptr = c
 
 
 def checkpoint_save(comm: CData | None, sd: CData, path: StrPath, options: SaveOptions | None = None) -> None:
@@ -1009,12 +1045,21 @@ def format_detect(path: StrPath) -> str:
     return _FORMAT_NAMES[out[0]]
 
 
+def format_inspect(path: StrPath, options: LoadOptions | None = None) -> CData:
+    """dsd_format_inspect: a state dict of plain values describing what is at `path`."""
+    out = ffi.new("dsd_state_dict**")
+    _call(lib.dsd_format_inspect, _path(path), _load_options(options), out)
+    return _owned_state_dict(out)
+
+
 def format_convert(src: StrPath, dst: StrPath, to: str, options: ConvertOptions | None = None) -> None:
-    _call(lib.dsd_format_convert, _path(src), _path(dst), _format_code(to), _convert_options(options))
+    o = _ConvertOptionsArg(options)
+    _call(lib.dsd_format_convert, _path(src), _path(dst), _format_code(to), o.ptr)
 
 
 def torch_save_export(sd: CData, path: StrPath, options: ConvertOptions | None = None) -> None:
-    _call(lib.dsd_torch_save_export, sd, _path(path), _convert_options(options))
+    o = _ConvertOptionsArg(options)
+    _call(lib.dsd_torch_save_export, sd, _path(path), o.ptr)
 
 
 def torch_save_import(path: StrPath) -> CData:
@@ -1024,7 +1069,8 @@ def torch_save_import(path: StrPath) -> CData:
 
 
 def safetensors_export(sd: CData, path: StrPath, options: ConvertOptions | None = None) -> None:
-    _call(lib.dsd_safetensors_export, sd, _path(path), _convert_options(options))
+    o = _ConvertOptionsArg(options)
+    _call(lib.dsd_safetensors_export, sd, _path(path), o.ptr)
 
 
 def safetensors_import(path: StrPath) -> CData:

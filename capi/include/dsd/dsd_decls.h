@@ -75,12 +75,12 @@
 /* The ABI this header describes: bindings compare it with dsd_abi_version() and refuse a
  * library of another major version. The major version is also the soname's. */
 #define DSD_ABI_VERSION_MAJOR 1
-#define DSD_ABI_VERSION_MINOR 0
+#define DSD_ABI_VERSION_MINOR 1
 
 /* (major << 16) | minor of the loaded library. Any thread. */
 uint32_t dsd_abi_version(void);
 
-/* The library's semantic version, e.g. "0.2.0". Static storage. Any thread. */
+/* The library's semantic version, e.g. "0.3.0". Static storage. Any thread. */
 const char* dsd_version_string(void);
 
 /* ============================================================================================
@@ -1067,6 +1067,20 @@ typedef struct dsd_format_convert_options {
   bool overwrite;          /* replace what is at the destination once the new output is complete */
   int32_t thread_count;    /* writer threads; 0: min(4, C), C as for saves */
   uint64_t max_shard_size; /* safetensors: most data bytes per file (default 5e9; 0: one file) */
+  /* a key prefix: only the entries whose flat key is `select` or starts with `select` + "."
+   * are written ("model" and "model." both select {"model": {...}}); borrowed for the call;
+   * NULL or "" (default): everything. DSD_E_NOT_FOUND, naming the prefix and the source,
+   * when it matches no key. */
+  const char* select;
+  /* drop `select` and its dot from the written keys ("model.layers.0.weight" is written as
+   * "layers.0.weight"), as Hugging Face checkpoints are keyed; needs `select`
+   * (DSD_E_INVALID_ARGUMENT without it, or when two keys would become one). Default false. */
+  bool strip_prefix;
+  /* 0 (unset, the default): every tensor keeps its dtype; a floating DSD_DTYPE_* (F16,
+   * BF16, F32, F64, F8_*): every floating tensor is cast to it, rounding as torch's
+   * Tensor.to does (to nearest, ties to even), while integer, bool and complex tensors are
+   * written as they are. Any other dtype is DSD_E_INVALID_ARGUMENT. */
+  dsd_dtype dtype;
 } dsd_format_convert_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */
@@ -1077,24 +1091,51 @@ void dsd_format_convert_options_init(dsd_format_convert_options* options);
  * DSD_E_UNSUPPORTED (a file of another kind), DSD_E_IO. */
 dsd_status dsd_format_detect(const char* path, dsd_format* out, dsd_error** err);
 
+/* A description of what is at `path` (any format, detected; dsd_format_detect), read from its
+ * metadata alone: no tensor data is read. *out receives a new state dict of plain values
+ * that the caller releases:
+ *   {"format": "dsd" | "dcp" | "torch" | "safetensors",
+ *    "world_size": the ranks that wrote it (1 for a single file),
+ *    "entries": {flat key: {"kind": "tensor" | "value",
+ *                           "path": [the nested path: str keys and int list indices],
+ *                           and for tensors: "dtype" (torch's name: "float32"),
+ *                           "shape": [int...], "nbytes": int (numel * element size),
+ *                           "chunks": [{"offsets": [int...], "sizes": [int...]}...] (the
+ *                           saved pieces; one covering the tensor for a single file)}}}
+ * Entries are in the order of the checkpoint's manifest or file. `options` may be NULL (the
+ * defaults); only its allow_external_files is read (as for dsd_checkpoint_load: a dsd
+ * checkpoint's data files are opened without following links unless it is true). Single
+ * process; any thread.
+ * Returns DSD_E_NOT_FOUND (nothing there, or a directory holding no checkpoint),
+ * DSD_E_CORRUPT (a malformed manifest, metadata or header, naming the file),
+ * DSD_E_UNSUPPORTED (a file of another kind; unknown option bytes), DSD_E_IO. */
+dsd_status dsd_format_inspect(const char* path, const dsd_checkpoint_load_options* options,
+                              dsd_state_dict** out, dsd_error** err);
+
 /* Converts what is at `src` (any format, detected) into `dst` in format `to`, tensor by
  * tensor: a sharded checkpoint's tensors are assembled one at a time, so memory holds about
  * one tensor per writer thread (a torch.save source is mapped, not read into memory). A
  * checkpoint is written as by one process; torch.save as an OrderedDict that torch.load
  * (weights_only=True) accepts; safetensors as a consolidated Hugging Face directory with its
- * index. `options` may be NULL. Single process; any thread.
+ * index. The options' select, strip_prefix and dtype choose what is written: the model of a
+ * training checkpoint {"model", "optim", "step"}, keyed and cast as Hugging Face's
+ * from_pretrained expects, is select "model", strip_prefix, DSD_DTYPE_BF16. `options` may be
+ * NULL. Single process; any thread.
  * Returns DSD_E_EXISTS (`dst` exists and !overwrite), DSD_E_INVALID_ARGUMENT (unknown
- * format), DSD_E_NOT_FOUND, DSD_E_CORRUPT, DSD_E_UNSUPPORTED (naming what cannot be
- * represented; unknown option bytes), DSD_E_IO, DSD_E_NO_SPACE. */
+ * format; strip_prefix without select, a non-floating dtype, keys the strip empties or
+ * merges), DSD_E_NOT_FOUND (also: select matches no key), DSD_E_CORRUPT,
+ * DSD_E_UNSUPPORTED (naming what cannot be represented; unknown option bytes), DSD_E_IO,
+ * DSD_E_NO_SPACE. */
 dsd_status dsd_format_convert(const char* src, const char* dst, dsd_format to,
                               const dsd_format_convert_options* options, dsd_error** err);
 
 /* Writes the state dict `sd` (full CPU or CUDA tensors, no distributed tensors) as a
  * torch.save file at `path` (written aside and renamed: complete or absent), which torch.load
  * with weights_only=True reads back identically: the top level as an OrderedDict, int-keyed
- * dicts with int keys, tuples as tuples. Borrows `sd`. `options` may be NULL.
+ * dicts with int keys, tuples as tuples. Borrows `sd`. `options` may be NULL; its select,
+ * strip_prefix and dtype apply as for dsd_format_convert().
  * Returns DSD_E_EXISTS, DSD_E_UNSUPPORTED (a distributed tensor; option bytes), DSD_E_IO,
- * DSD_E_NO_SPACE. */
+ * DSD_E_NO_SPACE, and those of the options as for dsd_format_convert(). */
 dsd_status dsd_torch_save_export(const dsd_state_dict* sd, const char* path,
                                  const dsd_format_convert_options* options, dsd_error** err);
 
@@ -1110,9 +1151,10 @@ dsd_status dsd_torch_save_import(const char* path, dsd_state_dict** out, dsd_err
  * model-0000i-of-0000N.safetensors files of at most options->max_shard_size data bytes each
  * and model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}), keyed by
  * flat keys ("model.layer.weight"). Non-tensor values and the nesting travel in the first
- * file's __metadata__ ("dsd.state") for dsd_safetensors_import. `options` may be NULL.
+ * file's __metadata__ ("dsd.state") for dsd_safetensors_import. `options` may be NULL; its
+ * select, strip_prefix and dtype apply as for dsd_format_convert().
  * Returns DSD_E_EXISTS, DSD_E_UNSUPPORTED (a dtype safetensors lacks; option bytes),
- * DSD_E_IO, DSD_E_NO_SPACE. */
+ * DSD_E_IO, DSD_E_NO_SPACE, and those of the options as for dsd_format_convert(). */
 dsd_status dsd_safetensors_export(const dsd_state_dict* sd, const char* dir,
                                   const dsd_format_convert_options* options, dsd_error** err);
 

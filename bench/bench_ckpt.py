@@ -27,6 +27,10 @@ rank's):
                                  / one memcpy (ctypes.memmove) of the same bytes into touched
                                  memory
     ckpt.async_block_vs_dcp      / dcp.async_save's blocking time (also its second call)
+  cooperative load (group ckpt_replicated, bench_ckpt_replicated below)
+    ckpt.replicated_load_bytes_ratio   bytes read from storage by all 4 ranks / data bytes of a
+                              fully replicated checkpoint (the baseline, cooperative off, is
+                              ckpt.replicated_load_bytes_ratio_alone, ~4)
 World-4 figures carry a `_w4` suffix. Loads are warm (every file in the page cache, read once
 before timing); figures ending in `_cold` repeat them with the files evicted from the page
 cache before every timed run (posix_fadvise DONTNEED after a sync, checked with fincore), so
@@ -67,6 +71,8 @@ for _name, (_goal, _op, _what) in _QUOTED.items():
     TARGETS[f"ckpt.{_name}"] = (_goal, _op, _what + " (world 1)")
     TARGETS[f"ckpt.{_name}_w4"] = (_goal, _op, _what + " (world 4)")
 TARGETS["ckpt.reshard_vs_same"] = (0.8, ">=", "load throughput 4 -> 3 ranks / 3 -> 3 ranks")
+TARGETS["ckpt.replicated_load_bytes_ratio"] = (
+    1.1, "<=", "bytes read from storage by all ranks / checkpoint data bytes, world 4, fully replicated state")
 
 ROUNDS = 5
 N_TENSORS = 16
@@ -468,7 +474,32 @@ def worker(a) -> int:
     return 0
 
 
-GROUPS = {"ckpt": bench_ckpt}
+def bench_ckpt_replicated(args) -> dict[str, float]:
+    """Cooperative load (group ckpt_replicated): build/bench/bench_replicated_load on 4 ranks,
+    a fully replicated state of 256 MiB (--quick: 32 MiB) on tmpfs ($DSD_BENCH_DIR, else
+    /dev/shm); rank 0 prints ckpt.replicated_load_bytes_ratio (cooperative), its
+    non-cooperative baseline (_alone) and the load time cooperative / alone (information: on
+    tmpfs a broadcast over loopback Gloo costs more than a read from memory)."""
+    total = (32 << 20) if args.quick else (256 << 20)
+    base = os.environ.get("DSD_BENCH_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else os.path.dirname(args.build))
+    scratch = tempfile.mkdtemp(prefix="dsd_bench_replicated_", dir=base)
+    try:
+        cmd = [os.path.join(args.build, "tools", "dsdrun"), "-n", "4", "--timeout", "900",
+               os.path.join(args.build, "bench", "bench_replicated_load"), scratch, str(total)]
+        p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for line in p.stderr.splitlines():
+        if "replicated load" in line:
+            print("  " + line.split("] ", 1)[-1], flush=True)
+    for line in p.stdout.splitlines():
+        line = line.split("] ", 1)[-1]
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"bench_replicated_load printed no figures:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+
+
+GROUPS = {"ckpt": bench_ckpt, "ckpt_replicated": bench_ckpt_replicated}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="a rank of the checkpoint benchmark (run by ./run bench)")

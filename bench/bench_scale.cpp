@@ -9,12 +9,20 @@
 //   load plan     a reshard to N/2 ranks of the same mesh kind: the ReadItems of EVERY one of
 //                 the N/2 destination ranks, through ChunkIndex, plus rank 0's plan by the
 //                 per-rank scan (add_read_items) that load() uses
+// With --cached-n, also a save that reuses the cached plan (SaveOptions::enable_plan_caching,
+// core/checkpoint/plan_cache.h), FSDP, in its own child: the full global plan as above
+// against the cache hit of the next save of the same structure, what the coordinator runs
+// then (decoding every rank's summary, reusing the plan: a new save id, data file names and
+// values), plus one rank's fingerprint of its own local plan (every rank fingerprints its
+// own, in parallel). The full side leaves out the parsing of the gathered local plans, so the
+// ratio understates the saving.
 // Each (N, mesh) runs in a fresh child process (this binary with --one), so its peak RSS
 // (getrusage of the child) is its own; an address-space limit (--mem-limit-gb) turns an
 // out-of-memory case into a reported failure instead of a machine-wide OOM.
 //
 // Usage: bench_scale [--n 256,1024,4096,16384] [--mesh fsdp,hsdp] [--mem-limit-gb 16]
-// Prints one JSON object: {"cases": [{...}, ...]}. bench/bench_scale.py runs it next to
+//                    [--cached-n 4096]
+// Prints one JSON object: {"cases": [{...}, ...], "cached": [{...}, ...]}. bench/bench_scale.py runs it next to
 // PyTorch DCP's create_global_plan on the same inputs.
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -32,6 +40,7 @@
 
 #include "core/checkpoint/load_planner.h"
 #include "core/checkpoint/manifest.h"
+#include "core/checkpoint/plan_cache.h"
 #include "core/checkpoint/save_planner.h"
 #include "core/checkpoint/write_results.h"
 #include "core/dist/layout.h"
@@ -284,6 +293,66 @@ json run_case(int64_t n, const std::string& kind) {
   return out;
 }
 
+// The full global plan of N ranks against a cache hit of the next save of that structure.
+json run_cached_case(int64_t n, const std::string& kind) {
+  const std::vector<Tensor> tensors = state_dict_tensors();
+  const Mesh mesh = make_mesh(kind, n);
+  json out = {{"n", n}, {"mesh", kind}};
+  SaveOptions opt;
+  opt.enable_plan_caching = true;
+  opt.thread_count = 1;
+  PlanCache cache;
+  const PlanFingerprint empty = cache.state();
+  std::vector<PlanSummary> summaries;
+  summaries.reserve(static_cast<size_t>(n));
+  double plan_s = 0, fingerprint0_s = 0;
+  GlobalPlanner planner(PlanOptions{opt.thread_count, opt.save_to_lowest_rank});
+  for (int64_t r = 0; r < n; ++r) {
+    LocalPlan p = local_plan(tensors, mesh, r);
+    auto t0 = Clock::now();
+    summaries.push_back(summarize_plan(p, n, opt, empty));
+    if (r == 0) fingerprint0_s = seconds_since(t0);
+    t0 = Clock::now();
+    Status s = planner.add(std::move(p));
+    plan_s += seconds_since(t0);
+    if (!s.ok()) throw std::runtime_error(s.error().message);
+  }
+  auto t0 = Clock::now();
+  auto g = planner.finish();
+  plan_s += seconds_since(t0);
+  if (!g.ok()) throw std::runtime_error(g.error().message);
+  (void)cache.insert(summaries, std::move(*g), 0);  // the lease ends here: the plan is cached
+
+  // The next save: every rank's summary as the gather delivers it (the coordinator's with a
+  // new save id), then the coordinator's decision and reuse.
+  std::vector<std::string> wire;
+  wire.reserve(summaries.size());
+  summaries[0].save_id = "fedcba9876543210";
+  for (PlanSummary& s : summaries) {
+    s.cache_state = cache.state();
+    wire.push_back(encode_plan_summary(s));
+  }
+  std::vector<PlanSummary>().swap(summaries);
+  t0 = Clock::now();
+  std::vector<PlanSummary> received;
+  received.reserve(wire.size());
+  for (const std::string& w : wire) {
+    auto s = decode_plan_summary(w);
+    if (!s.ok()) throw std::runtime_error(s.error().message);
+    received.push_back(std::move(*s));
+  }
+  auto hit = cache.reuse(received, 0);
+  const double cached_s = seconds_since(t0);
+  if (!hit.ok()) throw std::runtime_error(hit.error().message);
+  if (!hit->has_value()) throw std::runtime_error("the cached plan was not reused");
+  out["global_plan_s"] = plan_s;
+  out["cached_plan_s"] = cached_s;
+  out["fingerprint_rank0_s"] = fingerprint0_s;
+  out["summary_bytes_per_rank"] = wire.front().size();
+  out["cached_plan_speedup"] = plan_s / (cached_s + fingerprint0_s);
+  return out;
+}
+
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   size_t start = 0;
@@ -297,7 +366,7 @@ std::vector<std::string> split(const std::string& s) {
 }
 
 // Runs one case in a fresh process; its JSON, or {"error": ...}, plus its peak RSS.
-json run_child(int64_t n, const std::string& kind, double mem_limit_gb) {
+json run_child(int64_t n, const std::string& kind, double mem_limit_gb, bool cached = false) {
   int fds[2];
   if (pipe(fds) != 0) throw std::runtime_error("pipe failed");
   const pid_t pid = fork();
@@ -306,7 +375,8 @@ json run_child(int64_t n, const std::string& kind, double mem_limit_gb) {
     close(fds[0]);
     close(fds[1]);
     const std::string ns = std::to_string(n), lim = std::to_string(mem_limit_gb);
-    execl("/proc/self/exe", "bench_scale", "--one", ns.c_str(), kind.c_str(), lim.c_str(), nullptr);
+    execl("/proc/self/exe", "bench_scale", cached ? "--one-cached" : "--one", ns.c_str(), kind.c_str(), lim.c_str(),
+          nullptr);
     _exit(127);
   }
   close(fds[1]);
@@ -330,7 +400,8 @@ json run_child(int64_t n, const std::string& kind, double mem_limit_gb) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 5 && std::strcmp(argv[1], "--one") == 0) {
+  if (argc == 5 && (std::strcmp(argv[1], "--one") == 0 || std::strcmp(argv[1], "--one-cached") == 0)) {
+    const bool cached = std::strcmp(argv[1], "--one-cached") == 0;
     const int64_t n = std::stoll(argv[2]);
     const std::string kind = argv[3];
     const double limit_gb = std::stod(argv[4]);
@@ -341,7 +412,7 @@ int main(int argc, char** argv) {
     }
     json j;
     try {
-      j = run_case(n, kind);
+      j = cached ? run_cached_case(n, kind) : run_case(n, kind);
     } catch (const std::bad_alloc&) {
       j = {{"n", n}, {"mesh", kind}, {"error", fmt::format("out of memory under the {} GiB address-space limit", limit_gb)}};
     } catch (const std::exception& e) {
@@ -350,13 +421,14 @@ int main(int argc, char** argv) {
     std::fputs((j.dump() + "\n").c_str(), stdout);
     return 0;
   }
-  std::vector<std::string> ns = {"256", "1024", "4096", "16384"}, meshes = {"fsdp", "hsdp"};
+  std::vector<std::string> ns = {"256", "1024", "4096", "16384"}, meshes = {"fsdp", "hsdp"}, cached_ns;
   double limit_gb = 16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--n") ns = split(argv[i + 1]);
     else if (a == "--mesh") meshes = split(argv[i + 1]);
     else if (a == "--mem-limit-gb") limit_gb = std::stod(argv[i + 1]);
+    else if (a == "--cached-n") cached_ns = split(argv[i + 1]);
     else {
       std::fprintf(stderr, "bench_scale: unknown option %s\n", a.c_str());
       return 2;
@@ -379,6 +451,12 @@ int main(int argc, char** argv) {
       cases.push_back(std::move(c));
     }
   }
-  std::printf("%s\n", json{{"cases", cases}}.dump().c_str());
+  json cached = json::array();
+  for (const std::string& s : cached_ns) {
+    json c = run_child(std::stoll(s), "fsdp", limit_gb, true);
+    std::fprintf(stderr, "%s\n", c.dump().c_str());
+    cached.push_back(std::move(c));
+  }
+  std::printf("%s\n", json{{"cases", cases}, {"cached", cached}}.dump().c_str());
   return 0;
 }

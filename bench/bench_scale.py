@@ -25,6 +25,11 @@ Figures:
   scale.manifest_bytes_per_rank_16k checkpoint.json bytes / ranks, FSDP at 16384
   scale.load_plan_16k_to_8k_s       seconds to plan the reads of all 8192 ranks loading the
                                     16384-rank FSDP checkpoint (one process, one thread)
+  scale.cached_plan_speedup_4k      dsd global plan seconds / seconds of the next save's cache
+                                    hit (enable_plan_caching: rank 0's fingerprint of its plan +
+                                    the coordinator decoding 4096 summaries and reusing the
+                                    plan), FSDP at 4096 (--quick: _1k at 1024), same process; the
+                                    full side leaves out parsing the gathered plans (>= 100)
   raw, per N and mesh: scale.dsd_global_plan_s.N, scale.dcp_global_plan_s.N (FSDP; the HSDP ones
   carry .hsdp), scale.dsd_peak_mb.N, scale.dcp_peak_mb.N, scale.dsd_manifest_s.N,
   scale.dcp_metadata_bytes_per_rank.N ...
@@ -52,6 +57,7 @@ TARGETS = {
     "scale.global_plan_growth_4k_16k": (4.5, "<=", "dsd global plan s at 16384 ranks / at 4096 (linear = 4)"),
     "scale.manifest_bytes_per_rank_16k": (1 << 20, "<=", "checkpoint.json bytes per rank, FSDP 16384 ranks"),
     "scale.load_plan_16k_to_8k_s": (60, "<=", "s to plan the reads of all 8192 ranks of a 16384 -> 8192 reshard"),
+    "scale.cached_plan_speedup_4k": (100, ">=", "dsd global plan s / plan-cache hit s (fingerprint + reuse), FSDP 4096 ranks"),
 }
 
 VOCAB, DIM, LAYERS, FFN, KV = 128256, 8192, 80, 28672, 1024
@@ -195,19 +201,23 @@ def run_dcp(n: int, kind: str, cap_s: int = 1200) -> dict:
     return out
 
 
-def run_dsd(args, ns: list[int]) -> list[dict]:
-    """build/bench/bench_scale: every N, FSDP and HSDP, each in its own process."""
+def run_dsd(args, ns: list[int], cached_ns: list[int]) -> tuple[list[dict], list[dict]]:
+    """build/bench/bench_scale: every N, FSDP and HSDP, each in its own process; then the plan
+    cache hit against the full plan at each of `cached_ns` (FSDP)."""
     exe = os.path.join(args.build, "bench", "bench_scale")
     p = subprocess.run([exe, "--n", ",".join(map(str, ns)), "--mesh", "fsdp,hsdp",
-                        "--mem-limit-gb", str(MEM_LIMIT_GB)], check=True, capture_output=True, text=True)
-    return json.loads(p.stdout)["cases"]
+                        "--mem-limit-gb", str(MEM_LIMIT_GB), "--cached-n", ",".join(map(str, cached_ns))],
+                       check=True, capture_output=True, text=True)
+    out = json.loads(p.stdout)
+    return out["cases"], out["cached"]
 
 
 def bench_scale(args) -> dict[str, float]:
     cap_s = getattr(args, "dcp_cap_s", 1200)
     ns = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
     dcp_ns = [n for n in ns if n <= 4096]
-    dsd = run_dsd(args, ns)
+    cached_n = 1024 if args.quick else 4096
+    dsd, cached = run_dsd(args, ns, [cached_n])
     dcp = []
     for kind in ("fsdp", "hsdp"):
         for n in dcp_ns:
@@ -239,6 +249,12 @@ def bench_scale(args) -> dict[str, float]:
             elif "metadata_bytes" in c:
                 fig[f"scale.dcp_metadata_s.{sfx}"] = round(c["metadata_s"], 4)
                 fig[f"scale.dcp_metadata_bytes_per_rank.{sfx}"] = round(c["metadata_bytes"] / c["n"])
+    for c in cached:
+        print("  dsd plan cache: " + json.dumps(c), flush=True)
+        if "error" not in c:
+            sfx = "4k" if c["n"] == 4096 else f"{c['n'] // 1024}k"
+            fig[f"scale.cached_plan_speedup_{sfx}"] = round(c["cached_plan_speedup"], 1)
+            fig[f"scale.dsd_cached_plan_s.{c['n']}"] = round(c["cached_plan_s"] + c["fingerprint_rank0_s"], 5)
     top = max(dcp_ns)
     for kind, sfx in (("fsdp", ""), ("hsdp", ".hsdp")):
         a, b = by.get(("dcp", kind, top)), by.get(("dsd", kind, top))

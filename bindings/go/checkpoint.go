@@ -30,6 +30,13 @@ type SaveOptions struct {
 	SaveToLowestRank bool   // replicated chunks written by the lowest rank, not balanced
 	SyncFiles        bool   // fsync data files before the commit (default true)
 	BlockSize        uint64 // bytes per checksummed block, a power of two >= 4096 (4 MiB)
+	// As DCP's enable_plan_caching: a save whose structure fingerprint (every rank's keys,
+	// dtypes, shapes, chunks, options, world) equals an earlier save's over the same
+	// communicator reuses its global plan (default false).
+	EnablePlanCaching bool
+	// Async saves: the most bytes host staging holds; a larger state is staged in waves, each
+	// written before the next is copied, so SaveAsync returns later (0: no cap).
+	MaxStagingBytes uint64
 }
 
 // DefaultSaveOptions are the defaults (dsd_checkpoint_save_options_init).
@@ -37,11 +44,13 @@ func DefaultSaveOptions() SaveOptions {
 	var c C.dsd_checkpoint_save_options
 	C.dsd_checkpoint_save_options_init(&c)
 	return SaveOptions{
-		Overwrite:        bool(c.overwrite),
-		ThreadCount:      int32(c.thread_count),
-		SaveToLowestRank: bool(c.save_to_lowest_rank),
-		SyncFiles:        bool(c.sync_files),
-		BlockSize:        uint64(c.block_size),
+		Overwrite:         bool(c.overwrite),
+		ThreadCount:       int32(c.thread_count),
+		SaveToLowestRank:  bool(c.save_to_lowest_rank),
+		SyncFiles:         bool(c.sync_files),
+		BlockSize:         uint64(c.block_size),
+		EnablePlanCaching: bool(c.enable_plan_caching),
+		MaxStagingBytes:   uint64(c.max_staging_bytes),
 	}
 }
 
@@ -58,6 +67,8 @@ func (o *SaveOptions) c() *C.dsd_checkpoint_save_options {
 	c.save_to_lowest_rank = C.bool(o.SaveToLowestRank)
 	c.sync_files = C.bool(o.SyncFiles)
 	c.block_size = C.uint64_t(o.BlockSize)
+	c.enable_plan_caching = C.bool(o.EnablePlanCaching)
+	c.max_staging_bytes = C.uint64_t(o.MaxStagingBytes)
 	return &c
 }
 
@@ -66,13 +77,19 @@ type LoadOptions struct {
 	Strict      bool  // a key missing from the checkpoint is an error (default true)
 	ThreadCount int32 // reader threads; 0: min(8, cores)
 	Verify      bool  // check the checksum of every byte read (default true)
+	// At world > 1, a tensor every rank loads whole is read by one rank and broadcast to the
+	// others when the ranks span several hosts (default true); with CooperativeLoadOnOneHost
+	// also when they share one. Every rank must ask the same.
+	CooperativeLoad          bool
+	CooperativeLoadOnOneHost bool
 }
 
 // DefaultLoadOptions are the defaults (dsd_checkpoint_load_options_init).
 func DefaultLoadOptions() LoadOptions {
 	var c C.dsd_checkpoint_load_options
 	C.dsd_checkpoint_load_options_init(&c)
-	return LoadOptions{Strict: bool(c.strict), ThreadCount: int32(c.thread_count), Verify: bool(c.verify)}
+	return LoadOptions{Strict: bool(c.strict), ThreadCount: int32(c.thread_count), Verify: bool(c.verify),
+		CooperativeLoad: bool(c.cooperative_load), CooperativeLoadOnOneHost: bool(c.cooperative_load_on_one_host)}
 }
 
 func (o *LoadOptions) c() *C.dsd_checkpoint_load_options {
@@ -84,6 +101,8 @@ func (o *LoadOptions) c() *C.dsd_checkpoint_load_options {
 	c.strict = C.bool(o.Strict)
 	c.thread_count = C.int32_t(o.ThreadCount)
 	c.verify = C.bool(o.Verify)
+	c.cooperative_load = C.bool(o.CooperativeLoad)
+	c.cooperative_load_on_one_host = C.bool(o.CooperativeLoadOnOneHost)
 	return &c
 }
 

@@ -2,6 +2,7 @@
 #include "capi/src/export.h"
 
 #include <cstddef>
+#include <cstring>
 #include <memory>
 
 #include "capi/src/dists.h"
@@ -34,6 +35,14 @@ struct dsd_checkpoint_manager {
 };
 
 namespace dsd::capi {
+
+// ABI 1.0's struct ended with `format`: 32 bytes, enable_plan_caching in its tail padding
+// (a 1.0 caller's struct holds there what the 1.0 _init wrote: zero, false) and
+// max_staging_bytes after it.
+constexpr size_t kSaveOptionsSizeV1 = 32;
+static_assert(offsetof(dsd_checkpoint_save_options, enable_plan_caching) < kSaveOptionsSizeV1 &&
+              offsetof(dsd_checkpoint_save_options, max_staging_bytes) == kSaveOptionsSizeV1);
+
 namespace {
 
 static_assert(static_cast<int32_t>(checkpoint::Format::kDsd) == DSD_FORMAT_DSD &&
@@ -45,7 +54,7 @@ Result<checkpoint::SaveOptions> save_options(const dsd_checkpoint_save_options* 
   dsd_checkpoint_save_options defaults;
   dsd_checkpoint_save_options_init(&defaults);
   const dsd_checkpoint_save_options in =
-      TRY(read_options(o, defaults, {sizeof(dsd_checkpoint_save_options)},
+      TRY(read_options(o, defaults, {kSaveOptionsSizeV1, sizeof(dsd_checkpoint_save_options)},
                        "dsd_checkpoint_save_options", "dsd_checkpoint_save_options_init"));
   checkpoint::SaveOptions out;
   out.overwrite = in.overwrite;
@@ -53,6 +62,8 @@ Result<checkpoint::SaveOptions> save_options(const dsd_checkpoint_save_options* 
   out.save_to_lowest_rank = in.save_to_lowest_rank;
   out.sync_files = in.sync_files;
   out.block_size = in.block_size;
+  out.enable_plan_caching = in.enable_plan_caching;
+  out.max_staging_bytes = in.max_staging_bytes;
   const auto f = checkpoint::format_from_code(in.format);
   if (!f || (*f != checkpoint::Format::kDsd && *f != checkpoint::Format::kDcp)) {
     return make_error(Code::kInvalidArgument,
@@ -71,7 +82,9 @@ Result<checkpoint::LoadOptions> load_options(const dsd_checkpoint_load_options* 
   // allow_external_files took the struct's tail padding: the size before it was also
   // sizeof(dsd_checkpoint_load_options) (16), so that one known size covers both versions
   // (a caller of the earlier header gets its init function's zero there: false).
+  // The same holds for the two cooperative_load fields of 1.1.
   static_assert(offsetof(dsd_checkpoint_load_options, allow_external_files) < 16 &&
+                offsetof(dsd_checkpoint_load_options, cooperative_load_on_one_host) < 16 &&
                 sizeof(dsd_checkpoint_load_options) == 16);
   const dsd_checkpoint_load_options in =
       TRY(read_options(o, defaults, {sizeof(dsd_checkpoint_load_options)},
@@ -81,10 +94,25 @@ Result<checkpoint::LoadOptions> load_options(const dsd_checkpoint_load_options* 
   out.thread_count = in.thread_count;
   out.verify = in.verify;
   out.allow_external_files = in.allow_external_files;
+  using Cooperative = checkpoint::LoadOptions::Cooperative;
+  out.cooperative = !in.cooperative_load                ? Cooperative::kNever
+                    : in.cooperative_load_on_one_host ? Cooperative::kAlways
+                                                      : Cooperative::kAcrossHosts;
   if (out.thread_count < 0) {
     return make_error(Code::kInvalidArgument, "options->thread_count {} is negative", out.thread_count);
   }
   return out;
+}
+
+// dsd_checkpoint_save's communicator when it is given none: one local communicator for the
+// whole process rather than a new one per call, because the save-plan cache lives on the
+// communicator (core/checkpoint/plan_cache.h) and would never hit on a fresh one. Sharing it
+// between threads is safe: a local communicator's collectives touch no state, and the plan
+// cache guards its own.
+std::shared_ptr<Communicator> save_comm_or_process_local(const dsd_comm* comm) {
+  if (comm != nullptr) return comm_or_local(comm);
+  static const std::shared_ptr<Communicator> process_local = make_local_communicator();
+  return process_local;
 }
 
 void give_report(dsd_incompatible_keys** out, checkpoint::LoadReport report) {
@@ -111,7 +139,18 @@ void dsd_checkpoint_save_options_init(dsd_checkpoint_save_options* options) {
   options->sync_files = d.sync_files;
   options->block_size = d.block_size;
   options->format = static_cast<dsd_format>(d.format);
+  options->enable_plan_caching = d.enable_plan_caching;
+  options->max_staging_bytes = d.max_staging_bytes;
 }
+
+// dsd_checkpoint_save_options_init@DSD_1, for programs linked against 1.0 (a 32-byte
+// struct): fills that prefix only, as convert.cpp's compat_1_0_dsd_format_convert_options_init.
+__attribute__((visibility("default"))) void compat_1_0_dsd_checkpoint_save_options_init(
+    dsd_checkpoint_save_options* options) {
+  // enable_plan_caching, in the 1.0 struct's padding, gets its default (false) too.
+  dsd::capi::init_earlier_version(options, dsd::capi::kSaveOptionsSizeV1, &dsd_checkpoint_save_options_init);
+}
+__asm__(".symver compat_1_0_dsd_checkpoint_save_options_init, dsd_checkpoint_save_options_init@DSD_1");
 
 void dsd_checkpoint_load_options_init(dsd_checkpoint_load_options* options) {
   if (options == nullptr) return;
@@ -122,6 +161,8 @@ void dsd_checkpoint_load_options_init(dsd_checkpoint_load_options* options) {
   options->thread_count = d.thread_count;
   options->verify = d.verify;
   options->allow_external_files = d.allow_external_files;
+  options->cooperative_load = d.cooperative != dsd::checkpoint::LoadOptions::Cooperative::kNever;
+  options->cooperative_load_on_one_host = d.cooperative == dsd::checkpoint::LoadOptions::Cooperative::kAlways;
 }
 
 dsd_status dsd_checkpoint_save(dsd_comm* comm, const dsd_state_dict* sd, const char* path,
@@ -130,7 +171,7 @@ dsd_status dsd_checkpoint_save(dsd_comm* comm, const dsd_state_dict* sd, const c
     const dsd::Dict* d = TRY(dsd::capi::as_dict(sd, "sd"));
     TRY(require(path, "path"));
     auto opts = TRY(dsd::capi::save_options(options));
-    auto c = dsd::capi::comm_or_local(comm);
+    auto c = dsd::capi::save_comm_or_process_local(comm);
     TRY(dsd::checkpoint::save(*c, *d, path, opts));
     return dsd::ok();
   });

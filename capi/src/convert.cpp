@@ -2,6 +2,7 @@
 #include "capi/src/export.h"
 
 #include <cstddef>
+#include <cstring>
 
 #include "capi/src/guard.h"
 #include "capi/src/state_dicts.h"
@@ -13,11 +14,13 @@
 #include "core/tensor/dtype.h"
 
 namespace dsd::capi {
+
+// The struct of ABI 1.0 ended at max_shard_size: select, strip_prefix and dtype came after
+// it, so a caller built against that header (a 24-byte struct) gets their defaults.
+constexpr size_t kConvertOptionsSizeV1 = 24;
+
 namespace {
 
-// The struct of the first 1.0 release ended at max_shard_size: select, strip_prefix and dtype
-// came after it, so a caller built against that header (a 24-byte struct) gets their defaults.
-constexpr size_t kConvertOptionsSizeV1 = 24;
 static_assert(offsetof(dsd_format_convert_options, select) == kConvertOptionsSizeV1 &&
               offsetof(dsd_format_convert_options, max_shard_size) + sizeof(uint64_t) == kConvertOptionsSizeV1);
 
@@ -110,6 +113,8 @@ using dsd::capi::require;
 
 extern "C" {
 
+// dsd_format_convert_options_init@@DSD_1.1 (capi/dsd.map): what programs built against the
+// 1.1 header (or looking the name up at run time: cffi, Julia) call.
 void dsd_format_convert_options_init(dsd_format_convert_options* options) {
   if (options == nullptr) return;
   const dsd::interop::ConvertOptions d;
@@ -122,6 +127,15 @@ void dsd_format_convert_options_init(dsd_format_convert_options* options) {
   options->strip_prefix = d.strip_prefix;
   options->dtype = 0;
 }
+
+// dsd_format_convert_options_init@DSD_1: the 1.0 function, kept for programs linked against
+// 1.0, whose struct is 24 bytes: it fills that prefix only (options.h). Its own name is local
+// (capi/dsd.map); only the versioned alias is exported.
+__attribute__((visibility("default"))) void compat_1_0_dsd_format_convert_options_init(
+    dsd_format_convert_options* options) {
+  dsd::capi::init_earlier_version(options, dsd::capi::kConvertOptionsSizeV1, &dsd_format_convert_options_init);
+}
+__asm__(".symver compat_1_0_dsd_format_convert_options_init, dsd_format_convert_options_init@DSD_1");
 
 dsd_status dsd_format_detect(const char* path, dsd_format* out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {

@@ -52,4 +52,17 @@ Result<C> read_options(const C* in, const C& defaults, std::initializer_list<siz
   return out;
 }
 
+// The _init of an earlier version of C, whose callers' structs are `size` bytes
+// (dsd_<x>_options_init@DSD_1, capi/dsd.map): the current defaults from `init`, of which only
+// that prefix is written, with struct_size set to it. Writing sizeof(C) bytes would overrun a
+// program built against the earlier header.
+template <class C>
+void init_earlier_version(C* out, size_t size, void (*init)(C*)) {
+  if (out == nullptr) return;
+  C full;
+  init(&full);
+  full.struct_size = static_cast<uint32_t>(size);
+  std::memcpy(static_cast<void*>(out), &full, size);
+}
+
 }  // namespace dsd::capi

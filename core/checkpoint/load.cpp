@@ -8,6 +8,7 @@
 
 #include "core/base/make_error.h"
 #include "core/base/torch_call.h"
+#include "core/checkpoint/cooperative_load.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load_planner.h"
 #include "core/checkpoint/pool.h"
@@ -61,15 +62,21 @@ Result<LoadReport> load(Communicator& comm, Dict& state_dict, const std::string&
   LoadReport report;
   auto source = open_source(path, {options.allow_external_files});
   TRY(agree(comm, source.ok() ? ok() : Status(source.error())));
+  const Manifest& m = source->manifest;
+  auto plan = create_load_plan(*source, state_dict, path, options.strict, report);
+  // Agrees on every rank's plan, and on the entries every rank loads whole.
+  std::vector<char> shared = TRY(agree_shared_entries(comm, m, plan.ok() ? &*plan : nullptr, options.cooperative,
+                                                      plan.ok() ? ok() : Status(plan.error())));
+  const CooperativePlan cp =
+      plan_cooperative_reads(m, std::move(shared), comm.size(), options.cooperative_bucket_bytes);
   StorageReader reader(*source, options.verify);
   const int threads = default_threads(options.thread_count, 8);
-  auto plan = create_load_plan(*source, state_dict, path, options.strict, report);
-  if (plan.ok()) {
-    Status added = reader.add(plan->items, threads);
-    if (!added.ok()) plan = std::move(added).error();
-  }
-  TRY(agree(comm, plan.ok() ? ok() : Status(plan.error())));
-  Status st = reader.run(threads, report.bytes_read);
+  // What this rank reads alone first, then the shared chunks, each read by one rank.
+  Status st = reader.add(own_read_items(m, cp, plan->items), threads);
+  if (st.ok()) st = reader.run(threads, report.bytes_read);
+  const bool agreed = !cp.rounds.empty();
+  st = read_cooperatively(comm, *source, cp, *plan, options, std::move(st), report);
+  if (!st.ok() && agreed) return std::move(st).error();  // the same error on every rank already
   if (st.ok()) st = finish_targets(plan->targets);
   TRY(agree(comm, std::move(st)));
   for (auto& [p, v] : plan->values) TRY(set_element(state_dict, p, std::move(v)));

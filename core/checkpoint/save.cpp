@@ -1,7 +1,8 @@
 // save(): the collective steps every storage writer shares, as DCP's save_state_dict. Each
 // rank builds its local plan, the coordinator prepares the directory, the ranks agree, the
-// gathered plans become the same global plan everywhere, each rank writes its part, the
-// coordinator commits from every rank's write results, and the ranks agree again.
+// gathered plans become the same global plan everywhere (or, with plan caching, the cached
+// one: plan_cache.h), each rank writes its part, the coordinator commits from every rank's
+// write results, and the ranks agree again.
 #include "core/checkpoint/save.h"
 
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include "core/base/make_error.h"
@@ -20,6 +22,7 @@
 #include "core/checkpoint/crash_point.h"
 #include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
+#include "core/checkpoint/plan_cache.h"
 #include "core/checkpoint/pool.h"
 #include "core/checkpoint/save_planner.h"
 #include "core/checkpoint/storage_writer.h"
@@ -140,6 +143,52 @@ Status check_options(const SaveOptions& opt) {
   return ok();
 }
 
+// The global plan from every rank's local plan, the same on every rank: the plans are
+// all-gathered and merged one at a time (each text is dropped once parsed), so no rank holds
+// every rank's parsed plan.
+Result<GlobalPlan> gather_global_plan(Communicator& comm, const LocalPlan& local, const PlanOptions& options) {
+  std::vector<std::string> texts = TRY(all_gather_bytes(comm, local_plan_to_json(local)));
+  GlobalPlanner planner(options);
+  for (std::string& t : texts) {
+    LocalPlan p = TRY(local_plan_from_json(t));
+    std::string().swap(t);
+    TRY(planner.add(std::move(p)));
+  }
+  return planner.finish();
+}
+
+// A save's global plan: its own, or one lent by the plan cache.
+struct PlannedSave {
+  GlobalPlan own;
+  std::optional<PlanLease> lease;
+  bool cached = false;
+
+  GlobalPlan& plan() { return lease ? lease->plan() : own; }
+};
+
+// This save's global plan. With enable_plan_caching the ranks first exchange summaries
+// (fingerprint, cache state, values); when they show that every rank's structure is that of
+// a cached plan, that plan is reused, else the plan is made as without caching and cached.
+// Every rank decides from the same gathered summaries, so all take the same branch.
+Result<PlannedSave> plan_save(Communicator& comm, const LocalPlan& local, const SaveOptions& opt) {
+  const PlanOptions options{opt.thread_count, opt.save_to_lowest_rank};
+  if (!opt.enable_plan_caching) return PlannedSave{TRY(gather_global_plan(comm, local, options)), std::nullopt, false};
+  PlanCache& cache = plan_cache(comm);
+  const PlanSummary mine = summarize_plan(local, comm.size(), opt, cache.state());
+  std::vector<std::string> texts = TRY(all_gather_bytes(comm, encode_plan_summary(mine)));
+  std::vector<PlanSummary> summaries;
+  summaries.reserve(texts.size());
+  for (std::string& t : texts) {
+    summaries.push_back(TRY(decode_plan_summary(t)));
+    std::string().swap(t);
+  }
+  if (std::optional<PlanLease> hit = TRY(cache.reuse(summaries, comm.rank()))) {
+    return PlannedSave{{}, std::move(hit), true};
+  }
+  GlobalPlan plan = TRY(gather_global_plan(comm, local, options));
+  return PlannedSave{{}, cache.insert(summaries, std::move(plan), comm.rank()), false};
+}
+
 }  // namespace
 
 Result<at::Tensor> source_tensor(const at::Tensor& t, const std::string& key, const SaveOptions& options) {
@@ -198,17 +247,10 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
   }
   TRY(agree(comm, std::move(st)));
 
-  // Every rank merges the same gathered plans into the same global plan, one plan at a time
-  // (each text is dropped once parsed), so no rank holds every rank's parsed plan.
-  std::vector<std::string> texts = TRY(all_gather_bytes(comm, local_plan_to_json(local)));
-  GlobalPlanner planner({opt.thread_count, opt.save_to_lowest_rank});
-  for (std::string& t : texts) {
-    LocalPlan p = TRY(local_plan_from_json(t));
-    std::string().swap(t);
-    TRY(planner.add(std::move(p)));
-  }
-  GlobalPlan global = TRY(planner.finish());
+  PlannedSave planned = TRY(plan_save(comm, local, opt));
+  GlobalPlan& global = planned.plan();
 
+  if (opt.on_write_plan) opt.on_write_plan(global.ranks[static_cast<size_t>(rank)]);
   crash_point("save.before_write");
   Result<WriteResult> written = writer->write_data(global, rank, sources);
   if (written.ok()) crash_point("save.after_write");
@@ -242,7 +284,7 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
     return std::move(cs).error();
   }
   if (rank == 0) writer->remove_stale_files();
-  return SaveInfo{global.save_id, written->bytes, written->files};
+  return SaveInfo{global.save_id, written->bytes, written->files, planned.cached};
 }
 
 }  // namespace dsd::checkpoint

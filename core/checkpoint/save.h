@@ -19,6 +19,8 @@
 
 namespace dsd::checkpoint {
 
+struct RankPlan;  // save_planner.h
+
 struct SaveOptions {
   // Replace an existing checkpoint at the path. Its files are removed only after the new
   // manifest is committed, so a failed save leaves it intact. Without it: kExists.
@@ -37,16 +39,32 @@ struct SaveOptions {
   // PyTorch DCP checkpoint (`.metadata` + `__<rank>_<k>.distcp`, which dcp.load reads at any
   // world size). Other formats are kInvalidArgument.
   Format format = Format::kDsd;
+  // DCP's enable_plan_caching: reuse the global plan of an earlier save over the same
+  // communicator whose structure fingerprint (every rank's items, options, world) is the same.
+  bool enable_plan_caching = false;
+  // Async saves (AsyncCheckpointer::save_async): the most bytes of host staging buffers; a
+  // larger state is staged in waves, each copied into buffers freed by tensors already
+  // written, and save_async returns once the last wave is copied (0: no cap). Ignored by
+  // save(), which stages nothing: it writes from the state dict's own tensors (device ones
+  // through a bounded host buffer).
+  uint64_t max_staging_bytes = 0;
   // Conversions: tensors of the state dict on the meta device are placeholders, and this
   // supplies each one's data (a CPU tensor of the same dtype and shape) when it is written,
   // so a save holds at most one tensor per writer thread. Called from writer threads.
   std::function<Result<at::Tensor>(const std::string& key, const at::Tensor& placeholder)> tensor_provider;
+  // Called on the saving thread with this rank's part of the global plan (the tensor chunks
+  // it writes, file by file in write order) once every rank agreed to write, before it
+  // writes: the async checkpointer stages a capped state in waves from it.
+  std::function<void(const RankPlan& plan)> on_write_plan;
 };
 
 struct SaveInfo {
   std::string save_id;
   uint64_t bytes_written = 0;  // by this rank, data files only
   int files_written = 0;       // by this rank
+  // Whether the save reused the global plan of an earlier save (enable_plan_caching; the
+  // same on every rank).
+  bool plan_cached = false;
 };
 
 // Crash consistency: data files are new files named after the save id, the manifest is

@@ -100,6 +100,18 @@ std::string data_file_name(std::string_view save_id, int64_t rank, int64_t index
   return fmt::format("{}-{:05d}-{:03d}.safetensors", save_id, rank, index);
 }
 
+void set_save_id(GlobalPlan& plan, const std::string& save_id) {
+  plan.save_id = save_id;
+  plan.manifest.save_id = save_id;
+  // assign_files numbers a rank's files 0, 1, ... in order.
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    std::vector<FilePlan>& files = plan.ranks[r].files;
+    for (size_t k = 0; k < files.size(); ++k) {
+      files[k].name = data_file_name(save_id, static_cast<int64_t>(r), static_cast<int64_t>(k));
+    }
+  }
+}
+
 bool is_data_file_name(std::string_view name) {
   // 16 hex digits, '-', 5+ digits, '-', 3+ digits, ".safetensors"
   constexpr std::string_view kSuffix = ".safetensors";
@@ -148,6 +160,9 @@ struct Group {
   std::vector<uint32_t> more_ranks;
   // Values only: holders whose value differs from item.value_json.
   std::vector<std::pair<uint32_t, std::string>> other_values;
+  // Values only: each holder's ordinal of the value among its value items (first_rank's,
+  // then more_ranks' in order), for GlobalPlan::value_sources.
+  std::vector<uint32_t> value_ordinals;
 };
 
 struct KeyInfo {
@@ -184,7 +199,10 @@ Status GlobalPlanner::add(LocalPlan plan) {
     s.mesh_shape = std::move(plan.mesh_shape);
     s.int_key_dicts = std::move(plan.int_key_dicts);
   }
+  uint32_t value_ordinal = 0;
   for (WriteItem& it : plan.items) {
+    const bool is_value = it.kind == Entry::Kind::kValue;
+    const uint32_t ordinal = is_value ? value_ordinal++ : 0;
     uint32_t key;
     if (auto k = s.key_ids.find(it.key); k != s.key_ids.end()) {
       key = k->second;
@@ -205,7 +223,8 @@ Status GlobalPlanner::add(LocalPlan plan) {
     auto g = s.index.find(GroupKey{key, &it.offsets});
     if (g == s.index.end()) {
       const size_t gi = s.groups.size();
-      Group& grp = s.groups.emplace_back(Group{std::move(it), key, r, {}, {}});
+      Group& grp = s.groups.emplace_back(Group{std::move(it), key, r, {}, {}, {}});
+      if (is_value) grp.value_ordinals.push_back(ordinal);
       KeyInfo& info = s.keys[key];
       if (info.first == nullptr) {
         info.first = &grp.item;
@@ -229,8 +248,9 @@ Status GlobalPlanner::add(LocalPlan plan) {
           fmt::join(it.sizes, ", "), r));
     }
     grp.more_ranks.push_back(r);
-    if (it.kind == Entry::Kind::kValue && it.value_json != grp.item.value_json) {
-      grp.other_values.emplace_back(r, std::move(it.value_json));
+    if (is_value) {
+      grp.value_ordinals.push_back(ordinal);
+      if (it.value_json != grp.item.value_json) grp.other_values.emplace_back(r, std::move(it.value_json));
     }
   }
   return ok();
@@ -272,10 +292,18 @@ Result<GlobalPlan> GlobalPlanner::finish() {
     if (first.kind == Entry::Kind::kValue) {
       // The value of the rank chosen to write it is the one saved.
       const Group& grp = s.groups[info.groups.front()];
+      const uint32_t chosen = pick[info.groups.front()];
       const std::string* text = &grp.item.value_json;
       for (const auto& [r, v] : grp.other_values) {
-        if (r == pick[info.groups.front()]) text = &v;
+        if (r == chosen) text = &v;
       }
+      // more_ranks is in rank order, so the chosen holder's ordinal is found by bisection.
+      size_t holder = 0;
+      if (chosen != grp.first_rank) {
+        holder = 1 + static_cast<size_t>(std::lower_bound(grp.more_ranks.begin(), grp.more_ranks.end(), chosen) -
+                                         grp.more_ranks.begin());
+      }
+      g.value_sources.push_back({g.manifest.entries.size(), chosen, grp.value_ordinals[holder]});
       json v = json::parse(*text, nullptr, false);
       if (v.is_discarded()) return make_error_at(Code::kInternal, e.key, "value '{}' did not serialise", e.key);
       e.value = std::move(v);

@@ -62,13 +62,25 @@ struct RankPlan {
   std::vector<FilePlan> files;
 };
 
+// Where the saved value of a value entry came from: the rank chosen to write it and the
+// value's position among that rank's value items (in its local plan's order). Plan caching
+// (plan_cache.h) refreshes each value from the same rank.
+struct ValueSource {
+  size_t entry = 0;  // index into GlobalPlan::manifest.entries
+  uint32_t rank = 0;
+  uint32_t ordinal = 0;
+};
+
 struct GlobalPlan {
   std::string save_id;
   int64_t first_file_index = 0;  // the coordinator's
+  // One per rank. A save with plan caching (plan_cache.h) leaves the other ranks' empty
+  // on every rank but the coordinator: a rank's writer reads only its own.
   std::vector<RankPlan> ranks;
   // Entries in first-seen order, tensors without chunk locations yet (filled from the write
   // results), values with their value JSON.
   Manifest manifest;
+  std::vector<ValueSource> value_sources;  // one per value entry, in entry order
 };
 
 struct PlanOptions {
@@ -82,6 +94,9 @@ struct PlanOptions {
 std::string data_file_name(std::string_view save_id, int64_t rank, int64_t index);
 // Whether `name` has the shape of a dsd data file name (any save).
 bool is_data_file_name(std::string_view name);
+// Gives `plan` the save id `save_id`: its own, the manifest's and every data file's name
+// (plan caching reuses a plan made for an earlier save).
+void set_save_id(GlobalPlan& plan, const std::string& save_id);
 
 // The global plan from every rank's local plan (indexed by rank). kInvalidArgument "Failed to
 // validate global plan: ..." when chunks of a tensor leave its bounds, overlap or do not

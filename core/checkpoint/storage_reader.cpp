@@ -52,27 +52,41 @@ Status StorageReader::add(const std::vector<ReadItem>& items, int threads) {
       return ok();
     }));
   }
-  std::unordered_map<std::string_view, uint64_t> file_sizes;
-  for (const FileRecord& f : src.manifest.files) file_sizes[f.name] = f.size;
   for (size_t i = 0; i < items.size(); ++i) {
     const ReadItem& n = items[i];
     const uint64_t esize = element_size(n.entry->dtype);
     ChunkRead r{n.entry, n.chunk, {}, {}};
-    if (!src.is_dsd()) {
-      ChunkRecord raw = *n.chunk;
-      raw.begin = located[i].begin;
-      raw.end = located[i].end;
-      r.chunk = keep(std::move(raw));
-      r.memory = std::move(located[i].tensor);
-    }
-    if (!r.memory.defined()) TRY(open(r.chunk->file, file_sizes[r.chunk->file]));
+    TRY(prepare(r, src.is_dsd() ? LocatedChunk{} : std::move(located[i])));
     add_runs(*r.chunk, n.target->local, n.target->base, esize, r.runs);
     add_read(std::move(r));
   }
   return ok();
 }
 
-Status StorageReader::open(const std::string& name, uint64_t expected_size) {
+Status StorageReader::add_range(const Entry& entry, const ChunkRecord& chunk, uint64_t from, uint64_t len,
+                                char* dst) {
+  ChunkRead r{&entry, &chunk, {}, {}};
+  LocatedChunk located;
+  if (!source_.is_dsd()) located = TRY(locate_dcp_chunk(source_, entry, chunk));
+  TRY(prepare(r, std::move(located)));
+  r.runs.push_back({from, len, dst});
+  add_read(std::move(r));
+  return ok();
+}
+
+Status StorageReader::prepare(ChunkRead& r, LocatedChunk located) {
+  if (!source_.is_dsd()) {
+    ChunkRecord raw = *r.chunk;
+    raw.begin = located.begin;
+    raw.end = located.end;
+    r.chunk = keep(std::move(raw));
+    r.memory = std::move(located.tensor);
+  }
+  if (!r.memory.defined()) TRY(open(r.chunk->file));
+  return ok();
+}
+
+Status StorageReader::open(const std::string& name) {
   if (files_.count(name)) return ok();
   if (source_.files) {
     auto it = source_.files->find(name);
@@ -82,6 +96,11 @@ Status StorageReader::open(const std::string& name, uint64_t expected_size) {
     files_.emplace(name, &it->second);
     return ok();
   }
+  if (file_sizes_.empty()) {
+    for (const FileRecord& r : source_.manifest.files) file_sizes_.emplace(r.name, r.size);
+  }
+  const auto known = file_sizes_.find(name);
+  const uint64_t expected_size = known == file_sizes_.end() ? 0 : known->second;
   File f = TRY(open_for_read(join(dir_, name)));
   const uint64_t size = TRY(file_size(f));
   if (size < expected_size) {

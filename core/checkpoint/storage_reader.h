@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <deque>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -30,6 +31,10 @@ class StorageReader {
 
   // Adds the reads of `items` (in parallel for DCP chunks: each one opens its archive).
   Status add(const std::vector<ReadItem>& items, int threads);
+  // Adds the read of bytes [from, from + len) of saved chunk `chunk`'s data into `dst`
+  // (cooperative loads read chunks in pieces: cooperative_load.h). Whole blocks are read and
+  // verified, so a piece that starts and ends on block boundaries reads nothing twice.
+  Status add_range(const Entry& entry, const ChunkRecord& chunk, uint64_t from, uint64_t len, char* dst);
   // Reads everything added on up to `threads` threads; adds the bytes read to `bytes_read`.
   // kCorrupt naming file and key on a checksum mismatch or a truncated file.
   Status run(int threads, uint64_t& bytes_read);
@@ -55,7 +60,7 @@ class StorageReader {
 
   // Opens (once) the file of a chunk and checks it is not shorter than the manifest says; a
   // dsd source's files are the descriptors it was validated with (source.h).
-  Status open(const std::string& name, uint64_t expected_size);
+  Status open(const std::string& name);
   // Whether the runs of `r` cover every byte of its chunk.
   static bool reads_whole_chunk(const ChunkRead& r);
   // The whole-chunk checksum of every dsd chunk read in full (its runs cover all its bytes)
@@ -63,6 +68,8 @@ class StorageReader {
   // in their destinations.
   Status check_whole_chunks(int threads, const std::vector<char>& checked) const;
   void add_read(ChunkRead r);
+  // The located raw range of a DCP chunk (kept), or `chunk` itself for dsd; opens its file.
+  Status prepare(ChunkRead& r, LocatedChunk located);
   // Keeps a chunk record made during planning (a DCP chunk's located raw range) alive for
   // the reads that point at it.
   const ChunkRecord* keep(ChunkRecord r) { return &kept_.emplace_back(std::move(r)); }
@@ -73,6 +80,7 @@ class StorageReader {
   uint64_t block_size_;
   bool verify_;
   std::unordered_map<std::string, const File*> files_;
+  std::unordered_map<std::string_view, uint64_t> file_sizes_;  // from the manifest, on first open
   std::deque<File> owned_files_;  // files this reader opened itself (DCP)
   std::vector<ChunkRead> reads_;
   std::deque<ChunkRecord> kept_;

@@ -40,6 +40,15 @@ at::Tensor bytes_tensor(std::string_view s, int64_t padded) {
 
 }  // namespace
 
+CommAttachment& Communicator::attachment(const void* key,
+                                         const std::function<std::unique_ptr<CommAttachment>()>& make) {
+  std::lock_guard<std::mutex> lock(attachments_mu_);
+  for (auto& [k, a] : attachments_) {
+    if (k == key) return *a;
+  }
+  return *attachments_.emplace_back(key, make()).second;
+}
+
 std::shared_ptr<Communicator> make_local_communicator() {
   return std::make_shared<LocalCommunicator>();
 }

@@ -12,14 +12,16 @@
 // errors (a bad root, a size mismatch, an unsupported dtype) are detected locally, touch no
 // peer and do not break it. Communicators are shared (std::shared_ptr) by meshes, layouts and
 // state dicts; one communicator is used by one thread at a time (clone() one for another
-// thread).
+// thread). attachment() alone may be called from any thread.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -30,9 +32,23 @@ namespace dsd {
 
 enum class ReduceOp { kSum, kMax, kMin };
 
+// State a layer above core/dist keeps per communicator (core/checkpoint/plan_cache.h: the
+// save-plan cache), opaque here. It lives as long as the communicator and guards itself
+// when it may be reached from several threads.
+class CommAttachment {
+ public:
+  virtual ~CommAttachment() = default;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
+
+  // The attachment stored under `key`, made by `make` on the first call for that key. `key`
+  // is the address of a static object of the layer that owns the attachment, so two layers
+  // never collide. Freed with this communicator; a clone() starts without attachments (its
+  // collectives are another channel, so nothing cached for this one is valid there).
+  CommAttachment& attachment(const void* key, const std::function<std::unique_ptr<CommAttachment>()>& make);
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
@@ -55,6 +71,10 @@ class Communicator {
   // A new communicator over the same ranks with its own channel, for background work
   // (async save) that must not interleave with the caller's collectives.
   virtual Result<std::shared_ptr<Communicator>> clone(std::string_view tag) = 0;
+
+ private:
+  std::mutex attachments_mu_;  // guards attachments_
+  std::vector<std::pair<const void*, std::unique_ptr<CommAttachment>>> attachments_;
 };
 
 // A communicator of one rank: every collective is a local copy.

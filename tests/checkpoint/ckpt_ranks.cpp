@@ -20,6 +20,11 @@
 //   async DIR            two async saves: a future on every rank, staging protects the
 //                        sources, the second save allocates nothing, an error (kExists)
 //                        reaches every rank's future
+//   async_capped DIR     async saves staged in waves (max_staging_bytes far below each
+//                        rank's share): replicated tensors another rank writes are never
+//                        copied, the sources change right after save_async returns, the
+//                        staging mark stays within the cap (or the largest storage), an
+//                        error (kExists) reaches every rank's future
 //   missing_key DIR      the last rank asks for a key the checkpoint lacks: kNotFound on all
 //   corrupt DIR          world 4: a byte of a chunk that only rank 3 reads is flipped (in a
 //                        copy): kCorrupt naming file and key on every rank
@@ -468,6 +473,42 @@ void scenario_async(World& w, const std::string& dir) {
   EXPECT(saver.staging_allocations() == allocated);
 }
 
+void scenario_async_capped(World& w, const std::string& dir) {
+  dsd::DictPtr sd = reference_state(w, "same");
+  uint64_t total = 0, largest = 0;
+  for (const TensorSpec& s : reference_tensors()) {
+    const at::Tensor& t = get(*sd, s.key)->if_tensor()->tensor;
+    total += t.storage().nbytes();
+    largest = std::max<uint64_t>(largest, t.storage().nbytes());
+  }
+  ck::SaveOptions opt;
+  opt.max_staging_bytes = 16 << 10;
+  opt.thread_count = 2;
+  EXPECT_MSG(total > 4 * opt.max_staging_bytes, "rank {} holds only {} bytes", w.comm->rank(), total);
+  ck::AsyncCheckpointer saver(w.comm);
+  for (const char* sub : {"/c1", "/c2"}) {
+    auto f = REQUIRE_OK(saver.save_async(*sd, dir + sub, opt));
+    EXPECT(f->is_staged());
+    dsd::DictPtr scribbled = blank_state(w, "same");
+    for (const TensorSpec& s : reference_tensors()) get(*sd, s.key)->if_tensor()->tensor.copy_(get(*scribbled, s.key)->if_tensor()->tensor);
+    dsd::Status st = f->wait(std::chrono::milliseconds(120000));
+    EXPECT_MSG(st.ok(), "capped async save {}: {}", sub, st.ok() ? "" : error_text(st.error()));
+    EXPECT_MSG(saver.peak_staged_bytes() <= std::max(opt.max_staging_bytes, largest),
+               "rank {} staged {} bytes at once, cap {}, largest storage {}", w.comm->rank(),
+               saver.peak_staged_bytes(), opt.max_staging_bytes, largest);
+    sd = reference_state(w, "same");
+  }
+  for (const char* sub : {"/c1", "/c2"}) {
+    dsd::DictPtr back = blank_state(w, "same");
+    auto r = ck::load(*w.comm, *back, dir + sub);
+    EXPECT_MSG(r.ok(), "{}", r.ok() ? "" : error_text(r.error()));
+    if (r.ok()) check_state(w, *back, "same", fmt::format("capped async save {}", sub));
+  }
+  auto f3 = REQUIRE_OK(saver.save_async(*sd, dir + "/c1", opt));
+  dsd::Status st = f3->wait(std::chrono::milliseconds(120000));
+  EXPECT_MSG(!st.ok() && st.error().code == dsd::Code::kExists, "{}", st.ok() ? "ok" : error_text(st.error()));
+}
+
 void scenario_missing_key(World& w, const std::string& dir) {
   dsd::DictPtr sd = blank_state(w, "alt");
   if (w.comm->rank() == w.comm->size() - 1) put(*sd, "extra.only_on_last_rank", dsd::Value(at::zeros({3})));
@@ -685,6 +726,7 @@ int main(int argc, char** argv) {
   if (scenario == "save") scenario_save(w, dir);
   else if (scenario == "load") scenario_load(w, dir, arg.empty() ? "alt" : arg);
   else if (scenario == "async") scenario_async(w, dir);
+  else if (scenario == "async_capped") scenario_async_capped(w, dir);
   else if (scenario == "missing_key") scenario_missing_key(w, dir);
   else if (scenario == "corrupt") scenario_corrupt(w, dir);
   else if (scenario == "manager") scenario_manager(w, dir);

@@ -66,6 +66,10 @@ def test_async_save_at_world4(tmp_path):
     assert_all_ok(launch(4, "async", tmp_path), 4, "async")
 
 
+def test_capped_async_save_at_world4(tmp_path):
+    assert_all_ok(launch(4, "async_capped", tmp_path), 4, "async_capped")
+
+
 def test_missing_key_on_one_rank_fails_every_rank(saved):
     assert_all_ok(launch(4, "missing_key", saved), 4, "missing_key")
 

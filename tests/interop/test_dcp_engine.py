@@ -190,6 +190,31 @@ def test_dcp_format_save_overwrites_atomically(tmp_path):
     assert dsd.detect_format(ckpt) == "dcp" and not (ckpt / "checkpoint.json").exists()
 
 
+def test_dcp_format_saves_with_plan_caching_are_read_by_dcp_load(tmp_path):
+    # Saves of one structure over the same (process-wide local) communicator reuse the first
+    # one's plan: dcp.load must still read each save's own tensors and values, and each save
+    # writes new data files (DCP's numbering continues). A changed shape plans afresh.
+    def state(step, cols=4):
+        return {"model": {"w": torch.arange(3.0 * cols).view(3, cols) + step,
+                          "b": torch.full((5,), float(step), dtype=torch.float64)},
+                "step": step, "name": f"run{step}"}
+
+    def blank(cols=4):
+        return {"model": {"w": torch.zeros(3, cols), "b": torch.zeros(5, dtype=torch.float64)},
+                "step": None, "name": None}
+
+    ckpt = tmp_path / "ckpt"
+    files = []
+    for step, cols in ((1, 4), (2, 4), (3, 4), (4, 6), (5, 6)):
+        dsd.save(state(step, cols), ckpt, format="dcp", enable_plan_caching=True, overwrite=True)
+        files.append({p.name for p in ckpt.glob("*.distcp")})
+        got = blank(cols)
+        dcp.load(got, checkpoint_id=ckpt, no_dist=True)
+        assert_state_equal(got, state(step, cols), f"step {step}")
+    for a, b in zip(files, files[1:]):
+        assert not a & b, files
+
+
 def test_huggingface_storage_reader_loads_a_dsd_checkpoint_saved_at_world2(tmp_path):
     ckpt = tmp_path / "ckpt"
     spawn(w.dsd_save_worker, 2, str(tmp_path / "save"), str(ckpt), "dsd")

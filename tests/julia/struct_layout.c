@@ -63,6 +63,8 @@ int main(void) {
   FIELD(dsd_checkpoint_save_options, sync_files);
   FIELD(dsd_checkpoint_save_options, block_size);
   FIELD(dsd_checkpoint_save_options, format);
+  FIELD(dsd_checkpoint_save_options, enable_plan_caching);
+  FIELD(dsd_checkpoint_save_options, max_staging_bytes);
 
   STRUCT(dsd_checkpoint_load_options);
   FIELD(dsd_checkpoint_load_options, struct_size);
@@ -70,6 +72,8 @@ int main(void) {
   FIELD(dsd_checkpoint_load_options, thread_count);
   FIELD(dsd_checkpoint_load_options, verify);
   FIELD(dsd_checkpoint_load_options, allow_external_files);
+  FIELD(dsd_checkpoint_load_options, cooperative_load);
+  FIELD(dsd_checkpoint_load_options, cooperative_load_on_one_host);
 
   STRUCT(dsd_format_convert_options);
   FIELD(dsd_format_convert_options, struct_size);

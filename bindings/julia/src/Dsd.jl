@@ -1358,7 +1358,7 @@ _load_options(kw) = _opts(L.dsd_checkpoint_load_options, L.dsd_checkpoint_load_o
 
 """
     checkpoint_save(comm, sd, path; overwrite, thread_count, save_to_lowest_rank, sync_files,
-        block_size, format = :dsd | :dcp)
+        block_size, format = :dsd | :dcp, enable_plan_caching, max_staging_bytes)
 
 Saves `sd` to the directory `path` (collective over `comm`; `nothing`: one process).
 """

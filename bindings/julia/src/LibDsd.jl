@@ -1031,6 +1031,8 @@ struct dsd_checkpoint_save_options
     sync_files::Bool
     block_size::UInt64
     format::dsd_format
+    enable_plan_caching::Bool
+    max_staging_bytes::UInt64
 end
 
 # Fills `options` with the defaults. NULL is a no-op.
@@ -1045,6 +1047,8 @@ struct dsd_checkpoint_load_options
     thread_count::Int32
     verify::Bool
     allow_external_files::Bool
+    cooperative_load::Bool
+    cooperative_load_on_one_host::Bool
 end
 
 # Fills `options` with the defaults. NULL is a no-op.
@@ -1055,21 +1059,22 @@ end
 
 # Saves the state dict `sd` (nested dicts and lists of tensors and values; tensors on CPU or
 # CUDA) to the directory `path`. `options` may be NULL (defaults). Borrows everything; tensors
-# must not be written to until it returns. Collective over `comm`. Returns DSD_E_EXISTS (a
-# checkpoint is there and !overwrite; the message names the path), DSD_E_NO_SPACE (disk full or
-# file size limit; the previous checkpoint is intact), DSD_E_IO, DSD_E_INVALID_ARGUMENT (bad
-# options, plans that do not validate), DSD_E_UNSUPPORTED (unknown option bytes; a value the
-# format cannot hold), DSD_E_COMM, DSD_E_TIMEOUT. Concurrency: one save per directory at a time.
-# The coordinator (rank 0) holds an exclusive flock() on the directory `path` itself for the
-# whole save (an async save: until its background write ends); a second save to the same path
-# meanwhile, from any process and with or without overwrite, returns DSD_E_EXISTS at once and
-# changes nothing. The kernel drops the lock when its holder dies, so a killed save never blocks
-# the next one (which removes the killed one's leftovers when it commits). Loads take no lock:
-# the manifest is committed by an atomic rename, so a load running during a save (or a retention
-# removing the step) reads the whole old or the whole new checkpoint, or fails with an error
-# (DSD_E_NOT_FOUND, DSD_E_CORRUPT, DSD_E_IO) when the files it began with were replaced; never a
-# mix. The lock needs a file system whose flock() is honoured by every writer (local disks,
-# tmpfs; NFSv4 and Lustre mounted with flock).
+# must not be written to until it returns. Collective over `comm`; with `comm` NULL the save
+# runs over one process-wide local communicator, so enable_plan_caching reuses plans across such
+# calls too. Returns DSD_E_EXISTS (a checkpoint is there and !overwrite; the message names the
+# path), DSD_E_NO_SPACE (disk full or file size limit; the previous checkpoint is intact),
+# DSD_E_IO, DSD_E_INVALID_ARGUMENT (bad options, plans that do not validate), DSD_E_UNSUPPORTED
+# (unknown option bytes; a value the format cannot hold), DSD_E_COMM, DSD_E_TIMEOUT.
+# Concurrency: one save per directory at a time. The coordinator (rank 0) holds an exclusive
+# flock() on the directory `path` itself for the whole save (an async save: until its background
+# write ends); a second save to the same path meanwhile, from any process and with or without
+# overwrite, returns DSD_E_EXISTS at once and changes nothing. The kernel drops the lock when
+# its holder dies, so a killed save never blocks the next one (which removes the killed one's
+# leftovers when it commits). Loads take no lock: the manifest is committed by an atomic rename,
+# so a load running during a save (or a retention removing the step) reads the whole old or the
+# whole new checkpoint, or fails with an error (DSD_E_NOT_FOUND, DSD_E_CORRUPT, DSD_E_IO) when
+# the files it began with were replaced; never a mix. The lock needs a file system whose flock()
+# is honoured by every writer (local disks, tmpfs; NFSv4 and Lustre mounted with flock).
 # dsd_status dsd_checkpoint_save(dsd_comm* comm, const dsd_state_dict* sd, const char* path, const dsd_checkpoint_save_options* options, dsd_error** err)
 function dsd_checkpoint_save(comm, sd, path, options, err)
     @ccall libdsd.dsd_checkpoint_save(comm::Ptr{dsd_comm}, sd::Ptr{dsd_state_dict}, path::Cstring, options::Ptr{dsd_checkpoint_save_options}, err::Ptr{Ptr{dsd_error}})::dsd_status

@@ -846,9 +846,13 @@ class SaveOptions:
     sync_files: bool = True
     block_size: int | None = None
     format: str = "dsd"
+    enable_plan_caching: bool = False
+    max_staging_bytes: int = 0
 
     def __post_init__(self):
-        _format_code(self.format)  # an unknown name fails before any work starts
+        _format_code(self.format)
+        if self.max_staging_bytes < 0:
+            raise ValueError(f"max_staging_bytes {self.max_staging_bytes} is negative")  # an unknown name fails before any work starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -859,6 +863,16 @@ class LoadOptions:
     thread_count: int = 0
     verify: bool = True
     allow_external_files: bool = False
+    cooperative_load: str = "across_hosts"
+
+    def __post_init__(self):
+        if self.cooperative_load not in _COOPERATIVE:
+            raise ValueError(f"unknown cooperative_load {self.cooperative_load!r}; expected one of {list(_COOPERATIVE)}")
+
+
+# LoadOptions.cooperative_load -> (dsd_checkpoint_load_options.cooperative_load,
+# .cooperative_load_on_one_host)
+_COOPERATIVE = {"across_hosts": (True, False), "always": (True, True), "never": (False, False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -907,6 +921,8 @@ def _save_options(o: SaveOptions | None) -> CData:
     if o.block_size is not None:
         c.block_size = o.block_size
     c.format = _format_code(o.format)
+    c.enable_plan_caching = o.enable_plan_caching
+    c.max_staging_bytes = o.max_staging_bytes
     return c
 
 
@@ -919,6 +935,7 @@ def _load_options(o: LoadOptions | None) -> CData:
     c.thread_count = o.thread_count
     c.verify = o.verify
     c.allow_external_files = o.allow_external_files
+    c.cooperative_load, c.cooperative_load_on_one_host = _COOPERATIVE[o.cooperative_load]
     return c
 
 

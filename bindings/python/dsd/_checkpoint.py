@@ -27,10 +27,15 @@ def _comm_ptr(comm: "_dist.Communicator | None") -> CData | None:
 #   sync_files          fsync the data files before the commit
 #   block_size          bytes per checksummed block, a power of two >= 4096 (None: 4 MiB)
 #   format              "dsd", or "dcp" (PyTorch DCP's own format, which dcp.load reads)
+#   enable_plan_caching as DCP's: a save with the structure fingerprint of an earlier save
+#                       over the same communicator reuses its global plan (no plan exchange)
+#   max_staging_bytes   async saves: the most host memory staging holds (0: no cap); a larger
+#                       state is staged in waves, so the call returns later
 
 def save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False, thread_count: int = 0,
          save_to_lowest_rank: bool = False, sync_files: bool = True, block_size: int | None = None,
-         format: str = "dsd", comm: "_dist.Communicator | None" = None) -> None:
+         format: str = "dsd", enable_plan_caching: bool = False,
+         comm: "_dist.Communicator | None" = None) -> None:
     """Saves `state_dict` (nested dicts/lists of tensors, DTensors and plain values) to the
     directory `path`, as a dsd checkpoint or (format="dcp") in PyTorch DCP's own format, which
     dcp.load reads.
@@ -42,7 +47,8 @@ def save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False, thread_
     shards. Raises dsd.ExistsError (a FileExistsError) when a checkpoint is there and not
     `overwrite`, dsd.NoSpaceError (an OSError) when the disk is full (the old checkpoint stays
     intact)."""
-    opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format)
+    opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
+                       enable_plan_caching=enable_plan_caching)
     comm = _dist.communicator_for(comm, state_dict)
     with tree_of(state_dict, comm) as sd:
         _capi.checkpoint_save(_comm_ptr(comm), sd, path, opts)
@@ -124,12 +130,15 @@ class AsyncCheckpointer:
 
     def save(self, state_dict: Mapping, path: StrPath, *, overwrite: bool = False,
              thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
-             block_size: int | None = None, format: str = "dsd") -> SaveFuture:
+             block_size: int | None = None, format: str = "dsd", enable_plan_caching: bool = False,
+             max_staging_bytes: int = 0) -> SaveFuture:
         """Stages `state_dict` into the host buffers, then saves it in the background; options
         as dsd.save's. The returned future's result() raises the save's error, if any."""
         if self._ptr is None:
             raise closed("AsyncCheckpointer")
-        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format)
+        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
+                           enable_plan_caching=enable_plan_caching,
+                           max_staging_bytes=max_staging_bytes)
         with tree_of(state_dict, self._comm) as sd:
             return SaveFuture(_capi.checkpoint_save_async(self._ptr, sd, path, opts), self)
 
@@ -183,13 +192,14 @@ def _close_all() -> None:
 
 def async_save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False,
                thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
-               block_size: int | None = None, format: str = "dsd",
-               comm: "_dist.Communicator | None" = None) -> SaveFuture:
+               block_size: int | None = None, format: str = "dsd", enable_plan_caching: bool = False,
+               max_staging_bytes: int = 0, comm: "_dist.Communicator | None" = None) -> SaveFuture:
     """Stages `state_dict` into reusable host buffers and saves it in the background, through
     the default AsyncCheckpointer of the communicator (chosen as dsd.save chooses it); options
     as dsd.save's. The returned future's result() raises the save's error, if any."""
     opts = dict(overwrite=overwrite, thread_count=thread_count, save_to_lowest_rank=save_to_lowest_rank,
-                sync_files=sync_files, block_size=block_size, format=format)
+                sync_files=sync_files, block_size=block_size, format=format,
+                enable_plan_caching=enable_plan_caching, max_staging_bytes=max_staging_bytes)
     SaveOptions(**opts)  # bad options fail before a checkpointer is made
     comm = _dist.communicator_for(comm, state_dict)
     return _default_checkpointer(comm).save(state_dict, path, **opts)
@@ -239,7 +249,7 @@ def _merge_values(target, loaded) -> None:
 
 def load(state_dict: Mapping, path: StrPath, *, strict: bool = True, thread_count: int = 0,
          verify: bool = True, comm: "_dist.Communicator | None" = None,
-         allow_external_files: bool = False) -> LoadReport:
+         allow_external_files: bool = False, cooperative_load: str = "across_hosts") -> LoadReport:
     """Loads the checkpoint at `path` (dsd, or a PyTorch DCP checkpoint from dcp.save at any
     world size) into `state_dict` in place (tensors and DTensor shards receive the saved
     bytes of their region; plain values are replaced). The communicator is chosen as
@@ -247,9 +257,12 @@ def load(state_dict: Mapping, path: StrPath, *, strict: bool = True, thread_coun
     several ranks); every rank calls it. `thread_count`: reader threads (0: min(8, cores per
     local rank)); `verify`: check the checksum of every byte read. A dsd checkpoint's data
     files that are symbolic links are refused (dsd.CorruptError) unless `allow_external_files`.
+    `cooperative_load`: a tensor every rank loads whole is read by one rank and broadcast to
+    the others when the ranks span several hosts ("across_hosts", the default), also on one
+    host ("always"), or never ("never"); every rank must pass the same.
     Raises dsd.NotFoundError (a FileNotFoundError and KeyError) for a missing checkpoint, or a
     missing key when `strict`; dsd.ShapeMismatchError / dsd.DtypeMismatchError; dsd.CorruptError."""
-    opts = LoadOptions(strict, thread_count, verify, allow_external_files)
+    opts = LoadOptions(strict, thread_count, verify, allow_external_files, cooperative_load)
     comm = _dist.communicator_for(comm, state_dict)
     with tree_of(state_dict, comm) as sd:
         keys = _capi.checkpoint_load(_comm_ptr(comm), sd, path, opts)
@@ -297,20 +310,25 @@ class CheckpointManager:
 
     def save(self, state_dict: Mapping, step: int, *, overwrite: bool = False,
              thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
-             block_size: int | None = None, format: str = "dsd") -> None:
+             block_size: int | None = None, format: str = "dsd",
+             enable_plan_caching: bool = False) -> None:
         """Saves `state_dict` as step `step`, moves `latest`, then deletes the steps beyond
         `keep_last`; options as dsd.save's."""
-        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format)
+        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
+                           enable_plan_caching=enable_plan_caching)
         manager = self._manager()
         with tree_of(state_dict, self._tree_comm(state_dict)) as sd:
             _capi.checkpoint_manager_save(manager, sd, step, opts)
 
     def async_save(self, state_dict: Mapping, step: int, *, overwrite: bool = False,
                    thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
-                   block_size: int | None = None, format: str = "dsd") -> SaveFuture:
+                   block_size: int | None = None, format: str = "dsd",
+                   enable_plan_caching: bool = False, max_staging_bytes: int = 0) -> SaveFuture:
         """save() in the background (the state is copied when it returns); the future's
         result() raises the save's error, if any."""
-        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format)
+        opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
+                           enable_plan_caching=enable_plan_caching,
+                           max_staging_bytes=max_staging_bytes)
         manager = self._manager()
         with tree_of(state_dict, self._tree_comm(state_dict)) as sd:
             return SaveFuture(_capi.checkpoint_manager_save_async(manager, sd, step, opts), self)
@@ -320,10 +338,11 @@ class CheckpointManager:
         return _capi.checkpoint_manager_latest_step(self._manager())
 
     def load_latest(self, state_dict: Mapping, *, strict: bool = True, thread_count: int = 0,
-                    verify: bool = True, allow_external_files: bool = False) -> int | None:
+                    verify: bool = True, allow_external_files: bool = False,
+                    cooperative_load: str = "across_hosts") -> int | None:
         """Loads the newest complete step into `state_dict`; its step, or None if there is none
         (options as dsd.load's)."""
-        opts = LoadOptions(strict, thread_count, verify, allow_external_files)
+        opts = LoadOptions(strict, thread_count, verify, allow_external_files, cooperative_load)
         manager = self._manager()
         with tree_of(state_dict, self._tree_comm(state_dict)) as sd:
             step = _capi.checkpoint_manager_load_latest(manager, sd, opts)

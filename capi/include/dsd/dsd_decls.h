@@ -907,6 +907,18 @@ typedef struct dsd_checkpoint_save_options {
   uint64_t block_size;      /* bytes per checksummed block, a power of two >= 4096 (4 MiB) */
   dsd_format format;        /* DSD_FORMAT_DSD (default) or DSD_FORMAT_DCP: PyTorch DCP's own
                                format (.metadata + __<rank>_<k>.distcp), which dcp.load reads */
+  /* Since 1.1 (both fields; a 1.0 caller's struct_size, 32, reads them as false and 0). */
+  bool enable_plan_caching; /* as DCP's: a save whose structure (every rank's keys, dtypes,
+                               shapes, chunks, options and world) has the fingerprint of an
+                               earlier save over the same communicator reuses its global plan
+                               instead of gathering and planning again (default false) */
+  uint64_t max_staging_bytes; /* async saves: the most host memory staging buffers hold at
+                                 once; a larger state is staged in waves, each copied into
+                                 buffers freed by tensors already written, so
+                                 dsd_checkpoint_save_async returns once the last wave is
+                                 copied (later than without a cap); a single storage larger
+                                 than the cap is staged alone. Ignored by dsd_checkpoint_save
+                                 (0: no cap, the default) */
 } dsd_checkpoint_save_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */
@@ -922,6 +934,17 @@ typedef struct dsd_checkpoint_load_options {
    * (default false). Imports (dsd_safetensors_import, dsd_format_convert from safetensors)
    * always follow links: a Hugging Face cache snapshot is links into ../../blobs/. */
   bool allow_external_files;
+  /* Since 1.1 (both in the 1.0 struct's tail padding, so its size stays 16). At world > 1 a
+   * tensor every rank loads whole (plain tensors, replicated DTensors) is read from storage
+   * by one rank (byte-balanced), verified there and broadcast to the others in bounded
+   * buckets, instead of being read by every rank; a corrupt chunk fails every rank with the
+   * reader's error. cooperative_load (default true) does it when the ranks run on more than
+   * one host; cooperative_load_on_one_host (default false) also when they share one, where
+   * reading from the shared page cache is usually cheaper than a broadcast. Used only when
+   * every rank asks the same. Chunks needed by only some ranks (HSDP replica groups) are
+   * read by each rank that needs them. */
+  bool cooperative_load;
+  bool cooperative_load_on_one_host;
 } dsd_checkpoint_load_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */
@@ -929,7 +952,9 @@ void dsd_checkpoint_load_options_init(dsd_checkpoint_load_options* options);
 
 /* Saves the state dict `sd` (nested dicts and lists of tensors and values; tensors on CPU or
  * CUDA) to the directory `path`. `options` may be NULL (defaults). Borrows everything;
- * tensors must not be written to until it returns. Collective over `comm`.
+ * tensors must not be written to until it returns. Collective over `comm`; with `comm` NULL
+ * the save runs over one process-wide local communicator, so enable_plan_caching reuses
+ * plans across such calls too.
  * Returns DSD_E_EXISTS (a checkpoint is there and !overwrite; the message names the path),
  * DSD_E_NO_SPACE (disk full or file size limit; the previous checkpoint is intact),
  * DSD_E_IO, DSD_E_INVALID_ARGUMENT (bad options, plans that do not validate),

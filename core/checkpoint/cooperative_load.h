@@ -3,6 +3,10 @@
 // instead of being read world-size times. With a fully replicated state at world 4 the bytes
 // read from storage drop from ~4x to ~1x the checkpoint's data bytes.
 //
+// When: by default only when the ranks run on more than one host (LoadOptions::cooperative):
+// ranks of one host share its page cache, and there every rank reading is cheaper than a
+// broadcast (world 4 on one host, 256 MiB replicated on tmpfs: 0.19 s vs 0.52 s over Gloo).
+//
 // Which chunks: every chunk of an entry that every rank of the communicator loads whole (a
 // plain tensor, a DTensor replicated on every mesh dim). The ranks find these with one
 // all_reduce(MIN) over fixed windows of flags, one per manifest entry (a second window only

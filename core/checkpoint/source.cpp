@@ -52,6 +52,29 @@ Status check_storage(const std::string& dir, const std::string& key, const dcp::
   return ok();
 }
 
+// A chunk stored through a stream transform (zstd): decompressed and read whole, its
+// decompressed size bounded by the chunk's bytes plus what a torch.save archive adds.
+Result<LocatedChunk> read_transformed_chunk(const std::string& file, dcp::StorageInfo info,
+                                            const std::vector<std::string>& descriptors, const Entry& entry,
+                                            const ChunkRecord& chunk, const std::string& where) {
+  constexpr uint64_t kArchiveOverhead = uint64_t{1} << 20;
+  uint64_t numel = 1;
+  for (int64_t s : chunk.sizes) numel *= static_cast<uint64_t>(s);
+  info.transform_descriptors = descriptors;
+  Result<at::Tensor> t = dcp::read_tensor_chunk(file, info, numel * element_size(entry.dtype) + kArchiveOverhead);
+  if (!t.ok()) return std::move(t).error().with_prefix(fmt::format("{}: ", where));
+  const at::Tensor& tensor = *t;
+  Result<DType> dtype = dtype_from_scalar_type(tensor.scalar_type());
+  if (!dtype.ok() || *dtype != entry.dtype || tensor.sizes().vec() != chunk.sizes) {
+    return make_error_at(Code::kCorrupt, chunk.file, "{} holds a {} tensor of shape [{}], the metadata says {} [{}]",
+                         where, c10::toString(tensor.scalar_type()), fmt::join(tensor.sizes(), ", "),
+                         dtype_name(entry.dtype), fmt::join(chunk.sizes, ", "));
+  }
+  LocatedChunk out;
+  out.tensor = TRY(torch_call(Code::kInternal, fmt::format("reading {}", where), [&] { return tensor.contiguous(); }));
+  return out;
+}
+
 // Merges the metadata of a save without collectives (one `__<rank>.metadata` per rank, each
 // describing that rank's items) into one.
 Result<dcp::Metadata> merge_rank_metadata(const std::string& dir, std::vector<dcp::Metadata> parts) {
@@ -152,7 +175,7 @@ Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool r
     TRY(check_storage(dir, mi.fqn, info));
     if (auto r = distcp_rank(info.relative_path)) max_rank = std::max(max_rank, *r);
     if (info.transform_descriptors && !info.transform_descriptors->empty()) {
-      index.transformed.emplace(std::make_pair(info.relative_path, info.offset), info.transform_descriptors->front());
+      index.transformed.emplace(std::make_pair(info.relative_path, info.offset), *info.transform_descriptors);
     }
     if (mi.offset) {
       chunk_storage.emplace(std::make_pair(std::string_view(mi.fqn), *mi.offset), &info);
@@ -230,14 +253,12 @@ Result<Source> open_source(const std::string& path, const OpenOptions& options) 
 
 Result<LocatedChunk> locate_dcp_chunk(const Source& source, const Entry& entry, const ChunkRecord& chunk) {
   const std::string file = join(source.dir, chunk.file);
-  const dcp::StorageInfo info{chunk.file, static_cast<int64_t>(chunk.begin),
-                              static_cast<int64_t>(chunk.end - chunk.begin), std::nullopt};
-  if (auto t = source.dcp->transformed.find({chunk.file, info.offset}); t != source.dcp->transformed.end()) {
-    return make_error_at(Code::kUnsupported, entry.key,
-                         "DCP chunk {} of '{}' in '{}' is stored with stream transforms ({}), which dsd does not read",
-                         Chunk{chunk.offsets, chunk.sizes}.str(), entry.key, file, t->second);
-  }
+  dcp::StorageInfo info{chunk.file, static_cast<int64_t>(chunk.begin), static_cast<int64_t>(chunk.end - chunk.begin),
+                        std::nullopt};
   auto where = [&] { return fmt::format("chunk {} of '{}' in '{}'", Chunk{chunk.offsets, chunk.sizes}.str(), entry.key, file); };
+  if (auto t = source.dcp->transformed.find({chunk.file, info.offset}); t != source.dcp->transformed.end()) {
+    return read_transformed_chunk(file, std::move(info), t->second, entry, chunk, where());
+  }
   Result<TorchTensorRecord> located = dcp::locate_tensor_chunk(file, info);
   if (!located.ok()) return std::move(located).error().with_prefix(fmt::format("{}: ", where()));
   const TorchTensorRecord& rec = *located;

@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "core/base/result.h"
 #include "core/checkpoint/format_id.h"
@@ -31,9 +32,10 @@ struct DcpIndex {
   // The storage of each non-tensor value (BYTE_IO item), by flat key.
   std::unordered_map<std::string, dcp::StorageInfo> values;
   bool rank_local = false;  // read from `__<rank>.metadata` files (a save without collectives)
-  // Items stored with stream transforms (compression), which dsd does not read: (file,
-  // offset) -> the first descriptor.
-  std::map<std::pair<std::string, int64_t>, std::string> transformed;
+  // Items stored with stream transforms (DCP's ZStandard compression): (file, offset) -> the
+  // item's transform descriptors. Their bytes are not in the file raw, so their chunks are
+  // read whole (LocatedChunk::tensor).
+  std::map<std::pair<std::string, int64_t>, std::vector<std::string>> transformed;
 };
 
 struct Source {
@@ -72,9 +74,11 @@ Result<Source> open_source(const std::string& path, const OpenOptions& options =
 Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool rank_local = false);
 
 // Where the raw bytes of a DCP tensor chunk are: [begin, end) of `record.file`. When the
-// saved chunk cannot be read raw (not contiguous, big-endian, conj/neg bits), `tensor` holds
-// it instead, read whole as a contiguous CPU tensor. kCorrupt when the archive's tensor does
-// not match the metadata (dtype, sizes) or lies outside its item.
+// saved chunk cannot be read raw (zstd-compressed, not contiguous, big-endian, conj/neg
+// bits), `tensor` holds it instead, read whole as a contiguous CPU tensor. kCorrupt when the
+// archive's tensor does not match the metadata (dtype, sizes) or lies outside its item, or a
+// compressed item does not decompress; kUnsupported for a stream transform other than
+// "stream.zstd/1" (naming the key and the descriptor).
 struct LocatedChunk {
   uint64_t begin = 0;
   uint64_t end = 0;

@@ -46,7 +46,12 @@ class Archive {
  public:
   Archive(int fd, uint64_t base, uint64_t size, std::string where)
       : fd_(fd), base_(base), size_(size), where_(std::move(where)) {}
-  ~Archive() { ::close(fd_); }
+  // An archive in memory (borrowed for the Archive's lifetime).
+  Archive(std::string_view bytes, std::string where)
+      : mem_(bytes.data()), base_(0), size_(bytes.size()), where_(std::move(where)) {}
+  ~Archive() {
+    if (fd_ >= 0) ::close(fd_);
+  }
   Archive(const Archive&) = delete;
   Archive& operator=(const Archive&) = delete;
 
@@ -55,6 +60,10 @@ class Archive {
   Status read(uint64_t pos, void* dst, uint64_t n) const {
     if (pos > size_ || n > size_ - pos) return corrupt(fmt::format("a read of {} bytes at {} runs past its end", n, pos));
     auto* p = static_cast<char*>(dst);
+    if (mem_ != nullptr) {
+      std::memcpy(p, mem_ + pos, n);
+      return ok();
+    }
     while (n > 0) {
       const ssize_t r = ::pread(fd_, p, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(base_ + pos));
       if (r < 0 && errno == EINTR) continue;
@@ -85,7 +94,8 @@ class Archive {
   }
 
  private:
-  int fd_;
+  int fd_ = -1;
+  const char* mem_ = nullptr;
   uint64_t base_;
   uint64_t size_;
   std::string where_;
@@ -141,6 +151,10 @@ uint32_t crc32(const void* data, size_t n, uint32_t crc) {
   return ~crc;
 }
 
+namespace {
+Result<std::vector<ZipRecordCheck>> check_archive(const Archive& a);
+}  // namespace
+
 Result<std::vector<ZipRecordCheck>> check_zip(const std::string& path, uint64_t offset, uint64_t length) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -161,6 +175,17 @@ Result<std::vector<ZipRecordCheck>> check_zip(const std::string& path, uint64_t 
     return make_error_at(Code::kCorrupt, path, "zip archive {} runs past the end of the file", where);
   }
   const Archive a(fd, offset, length, where);
+  return check_archive(a);
+}
+
+Result<std::vector<ZipRecordCheck>> check_zip_memory(std::string_view bytes, const std::string& where) {
+  const Archive a(bytes, where);
+  return check_archive(a);
+}
+
+namespace {
+
+Result<std::vector<ZipRecordCheck>> check_archive(const Archive& a) {
   const Directory dir = TRY(find_directory(a));
   std::vector<unsigned char> cd(dir.size);
   TRY(a.read(dir.offset, cd.data(), dir.size));
@@ -220,5 +245,7 @@ Result<std::vector<ZipRecordCheck>> check_zip(const std::string& path, uint64_t 
   }
   return out;
 }
+
+}  // namespace
 
 }  // namespace dsd

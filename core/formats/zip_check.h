@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/base/result.h"
@@ -32,5 +33,8 @@ struct ZipRecordCheck {
 // directory or local header out of bounds or malformed, naming the archive).
 Result<std::vector<ZipRecordCheck>> check_zip(const std::string& path, uint64_t offset = 0,
                                               uint64_t length = UINT64_MAX);
+
+// The same for an archive in memory (a decompressed DCP item); `where` names it in messages.
+Result<std::vector<ZipRecordCheck>> check_zip_memory(std::string_view bytes, const std::string& where);
 
 }  // namespace dsd

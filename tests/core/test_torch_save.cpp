@@ -10,6 +10,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -339,7 +340,28 @@ TEST_F(DcpChunks, BytesItemsRoundTripAndAreNotTensors) {
   Result<Value> c = dcp::read_bytes_item(path("b.distcp"), compressed);
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.error().code, Code::kUnsupported);
-  EXPECT_THAT(c.error().message, HasSubstr("stream transforms (zstd)"));
+  EXPECT_THAT(c.error().message, HasSubstr("stream transform 'zstd'"));
+
+  // DCP's ZStandard transform: the item's archive as one zstd frame.
+  std::string frame(ZSTD_compressBound(file.size()), '\0');
+  frame.resize(ZSTD_compress(frame.data(), frame.size(), file.data(), file.size(), 3));
+  std::ofstream(path("z.distcp"), std::ios::binary) << frame;
+  dcp::StorageInfo zstd{"z.distcp", 0, static_cast<int64_t>(frame.size()), std::vector<std::string>{"stream.zstd/1"}};
+  EXPECT_TRUE(deep_equal(MUST(dcp::read_bytes_item(path("z.distcp"), zstd)), Value(value), &why)) << why;
+  EXPECT_EQ(dcp::locate_tensor_chunk(path("z.distcp"), zstd).error().code, Code::kUnsupported);
+  dcp::StorageInfo cut = zstd;
+  cut.length -= 4;
+  Result<Value> t = dcp::read_bytes_item(path("z.distcp"), cut);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.error().code, Code::kCorrupt);
+  EXPECT_THAT(t.error().message, HasSubstr("z.distcp"));
+  EXPECT_EQ(dcp::read_bytes_item(path("z.distcp"), zstd, file.size() - 1).error().code, Code::kCorrupt);
+  dcp::StorageInfo v2 = zstd;
+  v2.transform_descriptors = std::vector<std::string>{"stream.zstd/2"};
+  EXPECT_EQ(dcp::read_bytes_item(path("z.distcp"), v2).error().code, Code::kUnsupported);
+  dcp::StorageInfo raw_as_zstd = info;
+  raw_as_zstd.transform_descriptors = zstd.transform_descriptors;
+  EXPECT_EQ(dcp::read_bytes_item(path("b.distcp"), raw_as_zstd).error().code, Code::kCorrupt);
 }
 
 }  // namespace

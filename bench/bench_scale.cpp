@@ -180,7 +180,7 @@ std::string simulated_write_results(const RankPlan& rp, int64_t rank, uint64_t b
       c.record.blocks.assign(block_count(c.record.nbytes(), block_size), c.record.xxh3 * 31);
       chunks.push_back(std::move(c));
     }
-    files.push_back({fp.name, rank, header + pos});
+    files.push_back({fp.name, rank, header + pos, {}});
   }
   return encode_write_results(files, chunks);
 }

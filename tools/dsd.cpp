@@ -5,6 +5,10 @@
 //   dsd verify PATH                  every checksum and bound; exit 0 only if intact
 //   dsd convert SRC DST --to FORMAT  [--max-shard-size BYTES] [--overwrite] [--threads N]
 //                                    [--select PREFIX [--strip-prefix]] [--dtype DTYPE]
+//                                    [--dequantize]  (FP8 X.weight times its X.weight_scale_inv)
+//   dsd convert CKPT DST --to dsd --materialize    an incremental checkpoint made standalone
+//   dsd gc ROOT [--keep-last N] [--retire NAME]... [--dry-run]
+//                                    remove retired checkpoints' files no live one references
 //   dsd diff A B                     keys only in one, dtype/shape differences, first differing
 //                                    element of each tensor; exit 0 only if equal
 //
@@ -17,9 +21,11 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -30,7 +36,10 @@
 #include "core/base/strings.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/load.h"
+#include "core/checkpoint/manager.h"
 #include "core/checkpoint/manifest.h"
+#include "core/checkpoint/materialize.h"
+#include "core/checkpoint/retention.h"
 #include "core/checkpoint/value_json.h"
 #include "core/interop/convert.h"
 #include "core/interop/diff.h"
@@ -304,7 +313,25 @@ int inspect(const std::string& path, bool as_json, const Global& g) {
     }
     entries.push_back(std::move(e));
   }
+  // An incremental dsd checkpoint: the bytes it owns and those it references, per base.
+  uint64_t owned = r.tensor_bytes();
+  std::map<std::string, uint64_t> referenced;
+  if (r.format() == Format::kDsd) {
+    auto m = dsd::checkpoint::read_manifest(path);
+    if (m.ok() && m->has_references()) {
+      owned = 0;
+      for (const Entry& e : m->entries) {
+        for (const auto& c : e.chunks) {
+          const auto* f = m->file(c.file);
+          if (f != nullptr && f->referenced()) referenced[f->checkpoint] += c.nbytes();
+          else owned += c.nbytes();
+        }
+      }
+    }
+  }
   if (as_json) {
+    ordered_json refs = ordered_json::object();
+    for (const auto& [base, n] : referenced) refs[base] = n;
     ordered_json out = {{"path", path},
                         {"valid", true},
                         {"format", std::string(dsd::checkpoint::format_name(r.format()))},
@@ -313,6 +340,8 @@ int inspect(const std::string& path, bool as_json, const Global& g) {
                         {"tensors", tensors},
                         {"values", values},
                         {"total_bytes", r.tensor_bytes()},
+                        {"owned_bytes", owned},
+                        {"referenced_bytes", std::move(refs)},
                         {"entries", std::move(entries)}};
     std::printf("%s\n", out.dump(2).c_str());
     return kExitOk;
@@ -323,8 +352,17 @@ int inspect(const std::string& path, bool as_json, const Global& g) {
   std::printf("world size:  %lld (at save)\n", static_cast<long long>(r.world_size()));
   std::printf("files:       %zu\n", r.files().size());
   std::printf("entries:     %zu (%zu tensors, %zu values)\n", r.items().size(), tensors, values);
-  std::printf("tensor data: %s (%llu bytes)\n\n", human_bytes(static_cast<double>(r.tensor_bytes())).c_str(),
+  std::printf("tensor data: %s (%llu bytes)\n", human_bytes(static_cast<double>(r.tensor_bytes())).c_str(),
               static_cast<unsigned long long>(r.tensor_bytes()));
+  if (!referenced.empty()) {
+    std::printf("owns:        %s (%llu bytes) in its own files\n", human_bytes(static_cast<double>(owned)).c_str(),
+                static_cast<unsigned long long>(owned));
+    for (const auto& [base, n] : referenced) {
+      std::printf("references:  %s (%llu bytes) in ../%s (incremental: unchanged since that save)\n",
+                  human_bytes(static_cast<double>(n)).c_str(), static_cast<unsigned long long>(n), base.c_str());
+    }
+  }
+  std::printf("\n");
   const std::vector<std::string> header = {"KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES/VALUE"};
   std::vector<size_t> width(header.size());
   for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
@@ -376,13 +414,36 @@ struct ConvertArgs {
   std::string select;
   bool strip_prefix = false;
   std::string dtype;
+  bool dequantize = false;
+  bool materialize = false;
 };
+
+// convert --materialize: an incremental dsd checkpoint made self-contained (in place when
+// DST is SRC).
+int materialize(const ConvertArgs& a, const Global& g) {
+  auto info = dsd::checkpoint::materialize(a.src, a.dst, a.overwrite);
+  if (!info.ok()) return fail(info.error());
+  if (!g.quiet) {
+    std::printf("materialized %s into %s: %lld referenced file(s) copied (%s); it references no other checkpoint\n",
+                a.src.c_str(), a.dst.c_str(), static_cast<long long>(info->files_copied),
+                human_bytes(static_cast<double>(info->bytes_copied)).c_str());
+  }
+  return kExitOk;
+}
 
 int convert(const ConvertArgs& a, const Global& g) {
   const auto to = dsd::checkpoint::format_from_name(a.to);
   if (!to) {
     std::fprintf(stderr, "dsd: unknown format '%s' (expected dsd, dcp, torch or safetensors)\n", a.to.c_str());
     return kExitUsage;
+  }
+  if (a.materialize) {
+    if (*to != Format::kDsd || !a.select.empty() || !a.dtype.empty() || a.dequantize || !a.shard.empty()) {
+      std::fprintf(stderr, "dsd: --materialize copies a dsd checkpoint as it is: --to dsd, without --select, "
+                           "--dtype, --dequantize or --max-shard-size\n");
+      return kExitUsage;
+    }
+    return materialize(a, g);
   }
   dsd::interop::ConvertOptions o;
   o.overwrite = a.overwrite;
@@ -400,6 +461,7 @@ int convert(const ConvertArgs& a, const Global& g) {
   dsd::interop::StateViewOptions view;
   view.select = a.select;
   view.strip_prefix = a.strip_prefix;
+  view.dequantize = a.dequantize;
   if (!a.dtype.empty()) {
     view.dtype = dsd::dtype_from_name(a.dtype);
     if (!view.dtype) {
@@ -429,6 +491,50 @@ int convert(const ConvertArgs& a, const Global& g) {
                 std::string(dsd::checkpoint::format_name(*to)).c_str(), (*source)->items().size(), of.c_str(),
                 human_bytes(static_cast<double>(bytes)).c_str(), secs,
                 human_bytes(static_cast<double>(bytes) / std::max(secs, 1e-6)).c_str());
+  }
+  return kExitOk;
+}
+
+// ---- gc -------------------------------------------------------------------------------------
+
+int collect(const std::string& root, int keep_last, const std::vector<std::string>& retire_names, bool dry_run,
+            const Global& g) {
+  namespace ck = dsd::checkpoint;
+  std::vector<std::string> doomed;
+  for (const std::string& n : retire_names) {
+    if (!ck::is_plain_file_name(n) || !ck::path_exists(ck::join(ck::join(root, n), ck::kManifestName))) {
+      std::fprintf(stderr, "dsd: --retire %s: no checkpoint '%s' in %s\n", n.c_str(), n.c_str(), root.c_str());
+      return kExitNotFound;
+    }
+    doomed.push_back(n);
+  }
+  if (keep_last > 0) {
+    auto names = ck::list_dir(root);
+    if (!names.ok()) return fail(names.error());
+    std::vector<std::pair<int64_t, std::string>> steps;
+    for (const std::string& n : *names) {
+      auto step = ck::parse_step_dir(n);
+      if (step && ck::path_exists(ck::join(ck::join(root, n), ck::kManifestName))) steps.emplace_back(*step, n);
+    }
+    std::sort(steps.rbegin(), steps.rend());
+    for (size_t i = static_cast<size_t>(keep_last); i < steps.size(); ++i) doomed.push_back(steps[i].second);
+  }
+  for (const std::string& n : doomed) {
+    if (!g.quiet) std::printf("%s %s\n", dry_run ? "would retire" : "retired", ck::join(root, n).c_str());
+    if (dry_run) continue;
+    dsd::Status st = ck::retire(ck::join(root, n));
+    if (!st.ok()) return fail(st.error());
+  }
+  if (dry_run) return kExitOk;
+  auto report = ck::collect_garbage(root);
+  if (!report.ok()) return fail(report.error());
+  if (!g.quiet) {
+    for (const std::string& d : report->retired_kept) {
+      std::printf("kept %s: live checkpoints reference its files\n", d.c_str());
+    }
+    std::printf("removed %lld retired checkpoint(s) and %lld unreferenced file(s): %s freed\n",
+                static_cast<long long>(report->retired_removed), static_cast<long long>(report->files_removed),
+                human_bytes(static_cast<double>(report->bytes_removed)).c_str());
   }
   return kExitOk;
 }
@@ -500,6 +606,32 @@ int main(int argc, char** argv) {
                    "Cast every floating tensor to this dtype (bfloat16, float16, float32, float64, "
                    "float8_e4m3fn, float8_e5m2), rounding as torch's Tensor.to; integer and bool tensors "
                    "are kept");
+  conv->add_flag("--dequantize", ca.dequantize,
+                 "Dequantize FP8 block-scaled weights (DeepSeek-V3): each float8 X.weight times its "
+                 "X.weight_scale_inv (float32, one per 128x128 block) in --dtype (default bfloat16), as "
+                 "PyTorch's QuantizedHuggingFaceStorageReader; the _scale_inv tensors are dropped");
+
+  conv->add_flag("--materialize", ca.materialize,
+                 "--to dsd: copy in the files an incremental checkpoint references in its base checkpoints, "
+                 "keeping its layout and checksums, so it stands alone (DST may be SRC: in place)");
+
+  std::string root;
+  int keep_last = 0;
+  std::vector<std::string> retire_names;
+  bool dry_run = false;
+  CLI::App* gc = app.add_subcommand(
+      "gc", "Remove what retired checkpoints of ROOT hold that no live checkpoint references");
+  gc->footer(
+      "A checkpoint manager retires the steps it no longer keeps (checkpoint.json renamed to\n"
+      "checkpoint.retired.json) and removes their data files once no kept step references them; gc\n"
+      "applies the same rule by hand. --retire NAME retires a checkpoint of ROOT first; --keep-last N\n"
+      "retires every complete step_<N> checkpoint but the newest N.");
+  gc->add_option("ROOT", root, "Directory whose subdirectories are checkpoints (a checkpoint manager's root)")
+      ->required();
+  gc->add_option("--keep-last", keep_last, "Retire all complete step_<N> checkpoints but the newest N")
+      ->check(CLI::PositiveNumber);
+  gc->add_option("--retire", retire_names, "Retire this checkpoint of ROOT (a directory name) first");
+  gc->add_flag("--dry-run", dry_run, "Say what would be retired and removed; change nothing");
 
   std::string a;
   std::string b;
@@ -519,11 +651,15 @@ int main(int argc, char** argv) {
   }
   // An allocation failure anywhere (a hostile file's huge declared size, ulimit -v) is an
   // error with its own exit code naming the input, never std::terminate's SIGABRT.
-  const std::string subject = ins->parsed() || ver->parsed() ? path : conv->parsed() ? ca.src : a + " and " + b;
+  const std::string subject = ins->parsed() || ver->parsed() ? path
+                              : conv->parsed()                ? ca.src
+                              : gc->parsed()                  ? root
+                                                              : a + " and " + b;
   try {
     if (ins->parsed()) return inspect(path, as_json, g);
     if (ver->parsed()) return verify(path, g);
     if (conv->parsed()) return convert(ca, g);
+    if (gc->parsed()) return collect(root, keep_last, retire_names, dry_run, g);
     if (dif->parsed()) return diff(a, b, g);
   } catch (const std::bad_alloc&) {
     std::fputs("dsd: out of memory while reading ", stderr);

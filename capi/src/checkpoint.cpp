@@ -13,7 +13,9 @@
 #include "core/base/make_error.h"
 #include "core/checkpoint/async_save.h"
 #include "core/checkpoint/load.h"
+#include "core/checkpoint/io.h"
 #include "core/checkpoint/manager.h"
+#include "core/checkpoint/retention.h"
 #include "core/checkpoint/save.h"
 #include "core/checkpoint/verify.h"
 
@@ -42,6 +44,9 @@ namespace dsd::capi {
 constexpr size_t kSaveOptionsSizeV1 = 32;
 static_assert(offsetof(dsd_checkpoint_save_options, enable_plan_caching) < kSaveOptionsSizeV1 &&
               offsetof(dsd_checkpoint_save_options, max_staging_bytes) == kSaveOptionsSizeV1);
+// 1.1's struct ends after max_staging_bytes; 1.2 appended base and incremental.
+constexpr size_t kSaveOptionsSizeV1_1 = 40;
+static_assert(offsetof(dsd_checkpoint_save_options, base) == kSaveOptionsSizeV1_1);
 
 namespace {
 
@@ -54,7 +59,7 @@ Result<checkpoint::SaveOptions> save_options(const dsd_checkpoint_save_options* 
   dsd_checkpoint_save_options defaults;
   dsd_checkpoint_save_options_init(&defaults);
   const dsd_checkpoint_save_options in =
-      TRY(read_options(o, defaults, {kSaveOptionsSizeV1, sizeof(dsd_checkpoint_save_options)},
+      TRY(read_options(o, defaults, {kSaveOptionsSizeV1, kSaveOptionsSizeV1_1, sizeof(dsd_checkpoint_save_options)},
                        "dsd_checkpoint_save_options", "dsd_checkpoint_save_options_init"));
   checkpoint::SaveOptions out;
   out.overwrite = in.overwrite;
@@ -64,6 +69,8 @@ Result<checkpoint::SaveOptions> save_options(const dsd_checkpoint_save_options* 
   out.block_size = in.block_size;
   out.enable_plan_caching = in.enable_plan_caching;
   out.max_staging_bytes = in.max_staging_bytes;
+  if (in.base != nullptr) out.base = in.base;
+  out.incremental = in.incremental;
   const auto f = checkpoint::format_from_code(in.format);
   if (!f || (*f != checkpoint::Format::kDsd && *f != checkpoint::Format::kDcp)) {
     return make_error(Code::kInvalidArgument,
@@ -141,7 +148,17 @@ void dsd_checkpoint_save_options_init(dsd_checkpoint_save_options* options) {
   options->format = static_cast<dsd_format>(d.format);
   options->enable_plan_caching = d.enable_plan_caching;
   options->max_staging_bytes = d.max_staging_bytes;
+  options->base = nullptr;
+  options->incremental = d.incremental;
 }
+
+// dsd_checkpoint_save_options_init@DSD_1.1, for programs linked against 1.1 (a 40-byte
+// struct): fills that prefix only.
+__attribute__((visibility("default"))) void compat_1_1_dsd_checkpoint_save_options_init(
+    dsd_checkpoint_save_options* options) {
+  dsd::capi::init_earlier_version(options, dsd::capi::kSaveOptionsSizeV1_1, &dsd_checkpoint_save_options_init);
+}
+__asm__(".symver compat_1_1_dsd_checkpoint_save_options_init, dsd_checkpoint_save_options_init@DSD_1.1");
 
 // dsd_checkpoint_save_options_init@DSD_1, for programs linked against 1.0 (a 32-byte
 // struct): fills that prefix only, as convert.cpp's compat_1_0_dsd_format_convert_options_init.
@@ -269,6 +286,28 @@ dsd_status dsd_checkpoint_verify(const char* path, dsd_error** err) {
     const auto& p = problems.front();
     return dsd::make_error_at(dsd::Code::kCorrupt, p.file, "{} ({} damaged chunk(s) in all)", p.message,
                               problems.size());
+  });
+}
+
+dsd_status dsd_checkpoint_gc(const char* root, dsd_checkpoint_gc_report* out, dsd_error** err) {
+  return guard(err, [&]() -> dsd::Status {
+    TRY(require(root, "root"));
+    if (out != nullptr && out->struct_size < sizeof(dsd_checkpoint_gc_report)) {
+      return dsd::make_error(dsd::Code::kInvalidArgument,
+                             "out->struct_size is {}, which is no version of dsd_checkpoint_gc_report ({} bytes): set "
+                             "it to sizeof(dsd_checkpoint_gc_report)",
+                             out->struct_size, sizeof(dsd_checkpoint_gc_report));
+    }
+    if (!dsd::checkpoint::is_directory(root)) {
+      return dsd::make_error_at(dsd::Code::kNotFound, root, "checkpoint root '{}' does not exist", root);
+    }
+    auto report = TRY(dsd::checkpoint::collect_garbage(root));
+    if (out != nullptr) {
+      out->retired_removed = report.retired_removed;
+      out->files_removed = report.files_removed;
+      out->bytes_removed = report.bytes_removed;
+    }
+    return dsd::ok();
   });
 }
 

@@ -23,12 +23,15 @@ namespace {
 
 static_assert(offsetof(dsd_format_convert_options, select) == kConvertOptionsSizeV1 &&
               offsetof(dsd_format_convert_options, max_shard_size) + sizeof(uint64_t) == kConvertOptionsSizeV1);
+// 1.1's struct ends after dtype; 1.2 appended dequantize and materialize.
+constexpr size_t kConvertOptionsSizeV1_1 = 40;
+static_assert(offsetof(dsd_format_convert_options, dequantize) == kConvertOptionsSizeV1_1);
 
 Result<interop::ConvertOptions> convert_options(const dsd_format_convert_options* o) {
   dsd_format_convert_options defaults;
   dsd_format_convert_options_init(&defaults);
   const dsd_format_convert_options in =
-      TRY(read_options(o, defaults, {kConvertOptionsSizeV1, sizeof(dsd_format_convert_options)},
+      TRY(read_options(o, defaults, {kConvertOptionsSizeV1, kConvertOptionsSizeV1_1, sizeof(dsd_format_convert_options)},
                        "dsd_format_convert_options", "dsd_format_convert_options_init"));
   interop::ConvertOptions out;
   out.overwrite = in.overwrite;
@@ -39,6 +42,8 @@ Result<interop::ConvertOptions> convert_options(const dsd_format_convert_options
   }
   if (in.select != nullptr) out.select = in.select;
   out.strip_prefix = in.strip_prefix;
+  out.dequantize = in.dequantize;
+  out.materialize = in.materialize;
   if (in.dtype != 0) {  // 0: unset, no cast (the header's enumerations never use 0)
     out.dtype = dtype_from_code(in.dtype);
     if (!out.dtype) {
@@ -113,8 +118,8 @@ using dsd::capi::require;
 
 extern "C" {
 
-// dsd_format_convert_options_init@@DSD_1.1 (capi/dsd.map): what programs built against the
-// 1.1 header (or looking the name up at run time: cffi, Julia) call.
+// dsd_format_convert_options_init@@DSD_1.2 (capi/dsd.map): what programs built against the
+// 1.2 header (or looking the name up at run time: cffi, Julia) call.
 void dsd_format_convert_options_init(dsd_format_convert_options* options) {
   if (options == nullptr) return;
   const dsd::interop::ConvertOptions d;
@@ -126,7 +131,17 @@ void dsd_format_convert_options_init(dsd_format_convert_options* options) {
   options->select = nullptr;
   options->strip_prefix = d.strip_prefix;
   options->dtype = 0;
+  options->dequantize = d.dequantize;
+  options->materialize = false;
 }
+
+// dsd_format_convert_options_init@DSD_1.1, for programs linked against 1.1 (a 40-byte
+// struct): fills that prefix only.
+__attribute__((visibility("default"))) void compat_1_1_dsd_format_convert_options_init(
+    dsd_format_convert_options* options) {
+  dsd::capi::init_earlier_version(options, dsd::capi::kConvertOptionsSizeV1_1, &dsd_format_convert_options_init);
+}
+__asm__(".symver compat_1_1_dsd_format_convert_options_init, dsd_format_convert_options_init@DSD_1.1");
 
 // dsd_format_convert_options_init@DSD_1: the 1.0 function, kept for programs linked against
 // 1.0, whose struct is 24 bytes: it fills that prefix only (options.h). Its own name is local

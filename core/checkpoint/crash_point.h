@@ -27,6 +27,11 @@
 //                               have not yet heard that the save committed
 //   save.after_cleanup_one      coordinator: the first data file of the replaced checkpoint
 //                               has been removed, the others not yet
+//
+// And in a checkpoint manager's retention (retention.h):
+//   retention.after_retire      a checkpoint's manifest is renamed to its retired name
+//   retention.after_count       the live checkpoints' references are counted, nothing removed
+//   retention.after_remove_one  one retired directory or unreferenced data file is removed
 #pragma once
 
 #include <string_view>

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 
 #include "core/base/make_error.h"
@@ -19,6 +20,7 @@
 #include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/pool.h"
+#include "core/checkpoint/retention.h"
 #include "core/checkpoint/storage_writer.h"
 #include "core/checkpoint/value_json.h"
 #include "core/formats/dcp_chunks.h"
@@ -224,11 +226,17 @@ void remove_unreferenced_files(const std::string& path, const dcp::Metadata& md)
   if (!names.ok()) return;
   std::set<std::string> keep = {std::string(kDcpMetadataName)};
   for (const auto& [index, info] : md.storage_data) keep.insert(info.relative_path);
+  std::optional<std::set<std::string>> referenced;
   for (const std::string& n : *names) {
     if (keep.count(n)) continue;
     const bool dcp_file = is_dcp_file_name(n);
     const bool dsd_file = n == kManifestName || is_data_file_name(n) ||
                           n.starts_with(std::string(kManifestName) + ".tmp-");
+    // Files of the replaced dsd checkpoint that incremental siblings reference stay.
+    if (is_data_file_name(n)) {
+      if (!referenced) referenced = referenced_by_siblings(path);
+      if (referenced->count(n)) continue;
+    }
     if (dcp_file || dsd_file) (void)remove_file(join(path, n));
   }
 }

@@ -8,17 +8,21 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
 #include "core/base/make_error.h"
 #include "core/base/torch_call.h"
+#include "core/checkpoint/base_checkpoint.h"
 #include "core/checkpoint/chunk_hash.h"
 #include "core/checkpoint/crash_point.h"
 #include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
 #include "core/checkpoint/pool.h"
+#include "core/checkpoint/retention.h"
 #include "core/checkpoint/storage_writer.h"
+#include "core/checkpoint/tensor_bytes.h"
 #include "core/checkpoint/write_results.h"
 #include "core/formats/safetensors.h"
 
@@ -27,8 +31,6 @@ namespace {
 
 using nlohmann::json;
 
-// Largest piece staged through the host buffer in one go.
-constexpr uint64_t kPieceBytes = 64u << 20;
 // Bytes hashed then written in one step: small enough to stay in the core's cache between
 // the two, large enough that the syscalls cost nothing.
 constexpr uint64_t kStepBytes = 1u << 20;
@@ -41,40 +43,10 @@ struct RankOutcome {
   std::vector<WrittenChunk> chunks;
   std::vector<std::string> created;  // full paths, for cleanup on failure
   uint64_t bytes = 0;
+  // Incremental saves: the base's files this rank's chunks reference, and their bytes.
+  std::map<std::string, FileRecord> referenced_files;
+  uint64_t bytes_referenced = 0;
 };
-
-// Calls fn(ptr, len) over the tensor's bytes in row-major order, straight from its memory when
-// it is a plain contiguous CPU tensor, else through a bounded host buffer.
-template <class Fn>
-Status for_each_piece(const at::Tensor& t, const std::string& key, Fn&& fn) {
-  const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
-  if (nbytes == 0) return ok();
-  const bool direct = t.device().is_cpu() && t.is_contiguous() && !t.is_conj() && !t.is_neg();
-  if (direct) {
-    const auto* p = static_cast<const char*>(t.data_ptr());
-    for (uint64_t off = 0; off < nbytes; off += kPieceBytes) {
-      TRY(fn(p + off, std::min(kPieceBytes, nbytes - off)));
-    }
-    return ok();
-  }
-  return torch_call(Code::kDevice, fmt::format("copying '{}' to host memory", key), [&]() -> Status {
-    if (t.dim() == 0) {
-      at::Tensor c = t.cpu().resolve_conj().resolve_neg().contiguous();
-      return fn(c.data_ptr(), nbytes);
-    }
-    const uint64_t row = nbytes / static_cast<uint64_t>(t.size(0));
-    const int64_t rows = static_cast<int64_t>(std::max<uint64_t>(1, kPieceBytes / row));
-    at::Tensor buf = at::empty({static_cast<int64_t>(std::min<uint64_t>(rows, t.size(0)) * row)},
-                               at::TensorOptions().dtype(at::kByte));
-    for (int64_t i = 0; i < t.size(0); i += rows) {
-      at::Tensor slice = t.narrow(0, i, std::min(rows, t.size(0) - i));
-      at::Tensor dst = at::from_blob(buf.data_ptr(), slice.sizes(), at::TensorOptions().dtype(t.dtype()));
-      dst.copy_(slice);
-      TRY(fn(buf.data_ptr(), static_cast<uint64_t>(slice.numel()) * t.element_size()));
-    }
-    return ok();
-  });
-}
 
 // Starts the writeback of a data file's bytes as they are written (sync_file_range), so a
 // durable save streams to disk instead of waiting for all of it in the final fsync.
@@ -104,9 +76,39 @@ std::map<std::string, std::string> file_metadata(const RankPlan& rp, const FileP
 }
 
 // Writes one data file: header, then each chunk's bytes, hashed on the way; fsync.
-Status write_file(const std::string& dir, const RankPlan& rp, const FilePlan& fp,
-                  const SourceMap& sources, const SaveOptions& opt, std::mutex& mu,
-                  RankOutcome& out) {
+Status write_file(const std::string& dir, const RankPlan& rp, FilePlan fp, const SourceMap& sources,
+                  const SaveOptions& opt, const BaseCheckpoint* base, std::mutex& mu, RankOutcome& out) {
+  if (base != nullptr) {
+    // Chunks the base holds unchanged are referenced, not written (base_checkpoint.h).
+    std::vector<size_t> written;
+    std::vector<WrittenChunk> refs;
+    uint64_t ref_bytes = 0;
+    for (size_t i : fp.items) {
+      const WriteItem& it = rp.items[i];
+      auto src = sources.find(it.key);
+      if (src == sources.end()) return make_error_at(Code::kInternal, it.key, "no tensor for '{}'", it.key);
+      // A placeholder's data is supplied once, when it is written (conversions, capped
+      // async staging in waves): it is written, not compared.
+      if (src->second.is_meta()) {
+        written.push_back(i);
+        continue;
+      }
+      std::optional<ReferencedChunk> ref = TRY(base->reference(it, src->second, opt.block_size));
+      if (!ref) {
+        written.push_back(i);
+        continue;
+      }
+      ref_bytes += ref->record.nbytes();
+      refs.push_back({it.key, std::move(ref->record)});
+      std::lock_guard<std::mutex> lock(mu);
+      out.referenced_files.emplace(ref->file.name, ref->file);
+    }
+    fp.items = std::move(written);
+    std::lock_guard<std::mutex> lock(mu);
+    out.bytes_referenced += ref_bytes;
+    for (auto& c : refs) out.chunks.push_back(std::move(c));
+    if (fp.items.empty()) return ok();  // nothing left to write: no data file
+  }
   std::vector<safetensors::TensorEntry> entries;
   uint64_t pos = 0;
   for (size_t i : fp.items) {
@@ -162,20 +164,21 @@ Status write_file(const std::string& dir, const RankPlan& rp, const FilePlan& fp
   if (opt.sync_files) TRY(sync(f));
   TRY(f.close());
   std::lock_guard<std::mutex> lock(mu);
-  out.files.push_back({fp.name, 0, header.size() + pos});
+  out.files.push_back({fp.name, 0, header.size() + pos, {}});
   out.bytes += header.size() + pos;
   for (auto& c : chunks) out.chunks.push_back(std::move(c));
   return ok();
 }
 
 // Writes this rank's files with a pool of writer threads, one file at a time each.
-Status write_rank_files(const std::string& dir, int64_t rank, const RankPlan& rp,
-                        const SourceMap& sources, const SaveOptions& opt, RankOutcome& out) {
+Status write_rank_files(const std::string& dir, int64_t rank, const RankPlan& rp, const SourceMap& sources,
+                        const SaveOptions& opt, const BaseCheckpoint* base, RankOutcome& out) {
   std::mutex mu;
   TRY(parallel_for(rp.files.size(), opt.thread_count, [&](size_t i) {
-    return write_file(dir, rp, rp.files[i], sources, opt, mu, out);
+    return write_file(dir, rp, rp.files[i], sources, opt, base, mu, out);
   }));
   for (FileRecord& f : out.files) f.rank = rank;
+  for (auto& [name, f] : out.referenced_files) out.files.push_back(f);
   return ok();
 }
 
@@ -186,10 +189,19 @@ void remove_unreferenced_files(const std::string& path, const Manifest& m) {
   auto names = list_dir(path);
   if (!names.ok()) return;
   std::set<std::string> keep;
-  for (const FileRecord& f : m.files) keep.insert(f.name);
+  for (const FileRecord& f : m.files) {
+    if (!f.referenced()) keep.insert(f.name);
+  }
+  // Files of the replaced checkpoint that incremental siblings reference stay (a sibling
+  // saved with this directory as its base); counted only when there is a stale file.
+  std::optional<std::set<std::string>> referenced;
   bool removed_one = false;
   for (const std::string& n : *names) {
-    const bool stale_data = is_data_file_name(n) && keep.count(n) == 0;
+    bool stale_data = is_data_file_name(n) && keep.count(n) == 0;
+    if (stale_data) {
+      if (!referenced) referenced = referenced_by_siblings(path);
+      stale_data = referenced->count(n) == 0;
+    }
     const bool stale_tmp = n.starts_with(std::string(kManifestName) + ".tmp-");
     // A DCP checkpoint this save replaced (overwrite) in the same directory.
     const bool stale_dcp = is_dcp_file_name(n);
@@ -208,12 +220,18 @@ class DsdStorageWriter final : public StorageWriter {
 
   Result<int64_t> prepare_storage() override {
     TRY(prepare_checkpoint_dir(path_, options_.overwrite));
+    // The coordinator checks the base before any rank plans, so a wrong one fails at once.
+    if (!options_.base.empty()) base_ = TRY(BaseCheckpoint::open(options_.base, path_));
     return int64_t{0};
   }
 
   Result<WriteResult> write_data(const GlobalPlan& plan, int64_t rank, const SourceMap& sources) override {
-    TRY(write_rank_files(path_, rank, plan.ranks[static_cast<size_t>(rank)], sources, options_, out_));
-    return WriteResult{encode_outcome(out_), out_.bytes, static_cast<int>(out_.files.size())};
+    if (!options_.base.empty() && !base_) base_ = TRY(BaseCheckpoint::open(options_.base, path_));
+    TRY(write_rank_files(path_, rank, plan.ranks[static_cast<size_t>(rank)], sources, options_, base_.get(), out_));
+    WriteResult r{encode_outcome(out_), out_.bytes,
+                  static_cast<int>(out_.files.size() - out_.referenced_files.size())};
+    r.bytes_referenced = out_.bytes_referenced;
+    return r;
   }
 
   Status finish(GlobalPlan& plan, const std::vector<std::string>& results) override {
@@ -233,6 +251,7 @@ class DsdStorageWriter final : public StorageWriter {
 
   RankOutcome out_;
   Manifest committed_;
+  std::shared_ptr<BaseCheckpoint> base_;
 };
 
 }  // namespace

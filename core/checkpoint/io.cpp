@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -95,6 +96,27 @@ Result<File> open_in_dir(const File& dir, std::string_view name, bool follow_lin
   const int fl = ::fcntl(fd, F_GETFL);
   if (fl >= 0) ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   return f;
+}
+
+Result<File> open_sibling_dir(const File& dir, std::string_view name, bool follow_links) {
+  const std::string path = fmt::format("{}/../{}", dir.path(), name);
+  const int parent = ::openat(dir.fd(), "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (parent < 0) return io_error(errno, path, "cannot open the parent directory of");
+  const int fd = ::openat(parent, std::string(name).c_str(),
+                          O_RDONLY | O_DIRECTORY | O_CLOEXEC | (follow_links ? 0 : O_NOFOLLOW));
+  const int err = errno;
+  ::close(parent);
+  if (fd < 0) {
+    if (err == ENOENT) return make_error_at(Code::kNotFound, path, "directory '{}' does not exist", path);
+    if ((err == ELOOP || err == ENOTDIR) && !follow_links) {
+      return make_error_at(Code::kCorrupt, path,
+                           "checkpoint directory '{}' is a symbolic link or not a directory; dsd follows references "
+                           "only into sibling directories (allow_external_files opts in)",
+                           path);
+    }
+    return io_error(err, path, "cannot open the directory");
+  }
+  return File(fd, path);
 }
 
 Result<File> create_new(const std::string& path) {
@@ -204,6 +226,49 @@ Result<std::vector<std::string>> list_dir(const std::string& path) {
   }
   ::closedir(d);
   return out;
+}
+
+Status copy_file(const File& src, const std::string& dst) {
+  const uint64_t size = TRY(file_size(src));
+  File out = TRY(create_new(dst));
+  auto fail = [&](Error e) -> Status {
+    (void)remove_file(dst);
+    return e;
+  };
+  loff_t in_off = 0;
+  uint64_t left = size;
+  while (left > 0) {
+    const ssize_t n = ::copy_file_range(src.fd(), &in_off, out.fd(), nullptr, std::min<uint64_t>(left, 1u << 30), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)) {
+      // No in-kernel copy between these file systems: through a buffer.
+      std::vector<char> buf(std::min<uint64_t>(left, 8u << 20));
+      while (left > 0) {
+        const size_t step = static_cast<size_t>(std::min<uint64_t>(left, buf.size()));
+        Status s = pread_all(src, buf.data(), step, static_cast<uint64_t>(in_off));
+        if (s.ok()) s = write_all(out, buf.data(), step);
+        if (!s.ok()) return fail(std::move(s).error());
+        in_off += static_cast<loff_t>(step);
+        left -= step;
+      }
+      break;
+    }
+    if (n < 0) return fail(io_error(errno, dst, "cannot copy into"));
+    if (n == 0) return fail(make_error_at(Code::kCorrupt, src.path(), "'{}' ended while being copied", src.path()));
+    left -= static_cast<uint64_t>(n);
+  }
+  Status s = sync(out);
+  if (s.ok()) s = out.close();
+  if (!s.ok()) return fail(std::move(s).error());
+  return ok();
+}
+
+Status rename_file(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    return make_error_at(errno == ENOENT ? Code::kNotFound : Code::kIo, from, "cannot rename '{}' to '{}': {}", from,
+                         to, std::strerror(errno));
+  }
+  return ok();
 }
 
 Status remove_file(const std::string& path) {

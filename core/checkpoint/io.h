@@ -48,6 +48,11 @@ Result<File> open_dir(const std::string& path);
 // (kCorrupt naming the file) anything but a regular file (a FIFO would block the reader), and
 // a symbolic link unless `follow_links` (O_NOFOLLOW). kNotFound when it does not exist.
 Result<File> open_in_dir(const File& dir, std::string_view name, bool follow_links);
+// Opens the directory `name`, a plain name, next to the open directory `dir` (in its
+// physical parent: openat "..", then the name), for open_in_dir: the base checkpoint of an
+// incremental one. A symbolic link is refused (kCorrupt) unless `follow_links`; kNotFound
+// when it does not exist.
+Result<File> open_sibling_dir(const File& dir, std::string_view name, bool follow_links);
 // Creates a new file; kExists when it is already there (never truncates another file).
 Result<File> create_new(const std::string& path);
 
@@ -67,6 +72,11 @@ bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
 // Plain names of the entries of a directory (no "." or "..").
 Result<std::vector<std::string>> list_dir(const std::string& path);
+// Copies the whole of `src` into the new file `dst` (copy_file_range: a reflink or an
+// in-kernel copy where the file system can) and fsyncs it; kExists when `dst` is there.
+Status copy_file(const File& src, const std::string& dst);
+// rename(2), naming both paths in errors.
+Status rename_file(const std::string& from, const std::string& to);
 // Removes a file; a missing file is not an error.
 Status remove_file(const std::string& path);
 // Removes a directory tree (the checkpoint manager's retention).

@@ -10,7 +10,9 @@
 #include <charconv>
 
 #include "core/base/make_error.h"
+#include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
+#include "core/checkpoint/retention.h"
 #include "core/checkpoint/source.h"
 
 namespace dsd::checkpoint {
@@ -34,18 +36,24 @@ Result<std::vector<StepDir>> scan(const std::string& root) {
   return out;
 }
 
-// Retention's removal of a step directory, under the save lock (save.cpp: an exclusive flock
-// on the directory): a directory another process is saving into right now (another manager
-// on this root, a save still writing an older step) is left alone, never deleted under it.
-Status remove_unless_saving(const std::string& dir) {
+// Whether another process holds the save lock (save.cpp: an exclusive flock on the
+// directory) of `dir`: it is saving into it right now (another manager on this root, a save
+// still writing an older step). Retention leaves such a directory alone.
+bool being_saved(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
-    ::close(fd);
-    return ok();
-  }
-  Status st = remove_tree(dir);
-  if (fd >= 0) ::close(fd);
-  return st;
+  if (fd < 0) return false;
+  const bool busy = ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  ::close(fd);
+  return busy;
+}
+
+// Retention of a step directory that leaves the kept ones: a dsd checkpoint is retired (its
+// files go in collect_garbage once no kept step references them); a DCP checkpoint, which
+// nothing references, and the leftovers of a crashed save are removed.
+Status drop_step(const std::string& dir) {
+  if (being_saved(dir) || is_retired(dir)) return ok();
+  if (path_exists(join(dir, kManifestName))) return retire(dir);
+  return remove_tree(dir);
 }
 
 // Temporary `latest` files (io.cpp's write_file_atomic: "latest.tmp-<pid>-<n>") of a
@@ -83,6 +91,37 @@ std::optional<int64_t> parse_step_dir(std::string_view name) {
 CheckpointManager::CheckpointManager(std::string root, int keep_last)
     : root_(std::move(root)), keep_last_(keep_last) {}
 
+Result<std::string> CheckpointManager::choose_base(Communicator& comm, int64_t step) const {
+  // The coordinator's choice is the one every rank follows.
+  std::string base;
+  Status st = ok();
+  if (comm.rank() == 0) {
+    auto steps = complete_steps();
+    if (!steps.ok()) {
+      st = std::move(steps).error();
+    } else {
+      for (auto it = steps->rbegin(); it != steps->rend(); ++it) {
+        if (*it < step && path_exists(join(step_path(*it), kManifestName))) {
+          base = step_path(*it);
+          break;
+        }
+      }
+    }
+  }
+  TRY(agree(comm, std::move(st)));
+  return broadcast_bytes(comm, base, 0);
+}
+
+SaveOptions CheckpointManager::options_for(int64_t step, const SaveOptions& options) const {
+  SaveOptions opt = options;
+  if (!opt.incremental || !opt.base.empty()) return opt;
+  // Chosen when the save starts (an async save: on its background thread, once the save
+  // before it has committed).
+  CheckpointManager self = *this;
+  opt.choose_base = [self, step](Communicator& comm) { return self.choose_base(comm, step); };
+  return opt;
+}
+
 std::string CheckpointManager::step_path(int64_t step) const {
   return join(root_, fmt::format("step_{}", step));
 }
@@ -106,7 +145,12 @@ Status CheckpointManager::after_commit(Communicator& comm, int64_t step) const {
           if (it->step > step) continue;  // newer than this save: not ours to judge
           const bool keep = it->complete && kept < keep_last_;
           if (keep) ++kept;
-          else st = remove_unless_saving(step_path(it->step));
+          else st = drop_step(step_path(it->step));
+        }
+        // Retired steps' files go once no kept step references them.
+        if (st.ok()) {
+          auto gc = collect_garbage(root_);
+          if (!gc.ok()) st = std::move(gc).error();
         }
       }
     }
@@ -117,7 +161,8 @@ Status CheckpointManager::after_commit(Communicator& comm, int64_t step) const {
 Result<SaveInfo> CheckpointManager::save(Communicator& comm, const Dict& state_dict, int64_t step,
                                          const SaveOptions& options) {
   if (step < 0) return make_error(Code::kInvalidArgument, "checkpoint step {} is negative", step);
-  SaveInfo info = TRY(checkpoint::save(comm, state_dict, step_path(step), options));
+  const SaveOptions opt = options_for(step, options);
+  SaveInfo info = TRY(checkpoint::save(comm, state_dict, step_path(step), opt));
   TRY(after_commit(comm, step));
   return info;
 }
@@ -128,7 +173,8 @@ Result<std::shared_ptr<SaveFuture>> CheckpointManager::save_async(AsyncCheckpoin
   if (step < 0) return make_error(Code::kInvalidArgument, "checkpoint step {} is negative", step);
   // The manager is copied into the callback: it is small and must outlive this call.
   CheckpointManager self = *this;
-  return saver.save_async(state_dict, step_path(step), options,
+  const SaveOptions opt = options_for(step, options);
+  return saver.save_async(state_dict, step_path(step), opt,
                           [self, step](Communicator& comm) { return self.after_commit(comm, step); });
 }
 

@@ -6,6 +6,11 @@
 // commits. `latest` (written atomically, containing "step_<N>\n") moves only after a
 // commit; resume does not trust it blindly: it takes the newest step directory whose
 // manifest reads back.
+//
+// Incremental (SaveOptions::incremental): each save references the unchanged chunks of the
+// newest complete step before it (SaveOptions::base), and retention is reference-counted
+// (retention.h): a step that leaves the last N is retired, and its files go only when no kept
+// step references them.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +56,10 @@ class CheckpointManager {
 
  private:
   Status after_commit(Communicator& comm, int64_t step) const;
+  // `options` with the base an incremental save of `step` takes.
+  SaveOptions options_for(int64_t step, const SaveOptions& options) const;
+  // The newest complete step before `step`, or "" (collective).
+  Result<std::string> choose_base(Communicator& comm, int64_t step) const;
 
   std::string root_;
   int keep_last_;

@@ -285,6 +285,22 @@ const Entry* Manifest::find(std::string_view key) const {
   return nullptr;
 }
 
+const FileRecord* Manifest::file(std::string_view name) const {
+  for (const FileRecord& f : files) {
+    if (f.name == name) return &f;
+  }
+  return nullptr;
+}
+
+bool Manifest::has_references() const {
+  return std::any_of(files.begin(), files.end(), [](const FileRecord& f) { return f.referenced(); });
+}
+
+std::string data_file_path(const std::string& dir, const FileRecord& f) {
+  if (!f.referenced()) return fmt::format("{}/{}", dir, f.name);
+  return fmt::format("{}/../{}/{}", dir, f.checkpoint, f.name);
+}
+
 json path_to_json(const Path& path) {
   json out = json::array();
   for (const PathSegment& p : path) {
@@ -461,7 +477,7 @@ class ManifestWriter {
 std::string manifest_to_json(const Manifest& m) {
   nlohmann::ordered_json head;
   head["format"] = kFormatName;
-  head["format_version"] = m.format_version;
+  head["format_version"] = m.has_references() ? kFormatVersionReferences : kFormatVersion;
   head["save_id"] = m.save_id;
   head["world_size"] = m.world_size;
   head["mesh"] = m.mesh_shape ? nlohmann::ordered_json{{"shape", *m.mesh_shape}} : nlohmann::ordered_json(nullptr);
@@ -469,6 +485,7 @@ std::string manifest_to_json(const Manifest& m) {
   auto& files = head["files"] = nlohmann::ordered_json::array();
   for (const FileRecord& f : m.files) {
     files.push_back({{"name", f.name}, {"rank", f.rank}, {"size", f.size}});
+    if (f.referenced()) files.back()["checkpoint"] = f.checkpoint;
   }
   auto& ikd = head["int_key_dicts"] = nlohmann::ordered_json::array();
   for (const auto& path : m.int_key_dicts) {
@@ -523,11 +540,12 @@ Result<Manifest> parse_manifest(std::string_view text, std::string_view source) 
   }
   Manifest m;
   const int64_t version = TRY(get_i64(j, "format_version", source, "the manifest"));
-  if (version != kFormatVersion) {
+  if (version != kFormatVersion && version != kFormatVersionReferences) {
     return make_error_at(Code::kUnsupported, std::string(source),
-                         "{} has format version {}; this dsd reads version {}", source, version,
-                         kFormatVersion);
+                         "{} has format version {}; this dsd reads versions {} and {}", source, version,
+                         kFormatVersion, kFormatVersionReferences);
   }
+  m.format_version = static_cast<int>(version);
   m.save_id = TRY(get_string(j, "save_id", source, "the manifest"));
   m.world_size = TRY(get_i64(j, "world_size", source, "the manifest"));
   if (m.world_size < 1) return bad(source, "the manifest", "has a world size below 1");
@@ -546,6 +564,12 @@ Result<Manifest> parse_manifest(std::string_view text, std::string_view source) 
     r.name = TRY(get_string(f, "name", source, "a file record"));
     r.rank = TRY(get_i64(f, "rank", source, r.name));
     r.size = TRY(get_u64(f, "size", source, r.name));
+    if (const json* c = field(f, "checkpoint"); c != nullptr) {
+      if (version < kFormatVersionReferences) {
+        return bad(source, r.name, "names a checkpoint directory in a format version 1 manifest");
+      }
+      r.checkpoint = TRY(get_string(f, "checkpoint", source, r.name));
+    }
     m.files.push_back(std::move(r));
   }
   if (const json* ikd = field(j, "int_key_dicts"); ikd != nullptr) {
@@ -579,6 +603,14 @@ Status validate_manifest(const Manifest& m) {
     }
     if (!files.emplace(f.name, &f).second) {
       return make_error_at(Code::kCorrupt, f.name, "data file '{}' is listed twice", f.name);
+    }
+    // A referenced file lives in a sibling checkpoint: a plain directory name, so a manifest
+    // can point into the parent's children and nowhere else (no "..", no absolute path).
+    if (f.referenced() && !is_plain_file_name(f.checkpoint)) {
+      return make_error_at(Code::kCorrupt, f.name,
+                           "data file '{}' names the checkpoint directory '{}', which is not a plain name of a "
+                           "sibling directory",
+                           f.name, f.checkpoint);
     }
   }
   std::unordered_set<std::string> keys;

@@ -2,12 +2,15 @@
 //
 // Schema (format_version 1), one JSON object:
 //   format          "dsd-checkpoint"
-//   format_version  1
+//   format_version  1, or 2 when a file lives in another checkpoint (an incremental save)
 //   save_id         16 hex digits, random per save (also the prefix of every data file)
 //   world_size      ranks at save time
 //   mesh            {"shape": [..]} of the first distributed tensor's device mesh, or null
 //   block_size      bytes per checksummed block (see ChunkRecord::blocks)
-//   files           [{"name", "rank", "size"}]: data files, plain names in the directory
+//   files           [{"name", "rank", "size"}]: data files, plain names in the directory;
+//                   version 2 adds "checkpoint": the sibling checkpoint directory (a plain
+//                   name in the same parent directory) that owns a file this checkpoint
+//                   references instead of writing its bytes again (save.h's base)
 //   int_key_dicts   [path...]: nested dicts whose keys stand for ints (restored by load_full)
 //   entries         in save order, one per flat key:
 //     {"key", "path": [str|int...], "kind": "tensor", "dtype": "float32", "shape": [..],
@@ -40,6 +43,8 @@ namespace dsd::checkpoint {
 
 inline constexpr std::string_view kManifestName = "checkpoint.json";
 inline constexpr int kFormatVersion = 1;
+// The version of a manifest that references files of another checkpoint.
+inline constexpr int kFormatVersionReferences = 2;
 inline constexpr uint64_t kDefaultBlockSize = 4u << 20;
 
 struct ChunkRecord {
@@ -71,6 +76,11 @@ struct FileRecord {
   std::string name;
   int64_t rank = 0;
   uint64_t size = 0;
+  // Empty: a file of this checkpoint's directory. Otherwise the sibling checkpoint directory
+  // (a plain name in the same parent) that owns it: this checkpoint references its bytes.
+  std::string checkpoint;
+
+  bool referenced() const { return !checkpoint.empty(); }
 };
 
 struct Manifest {
@@ -84,7 +94,15 @@ struct Manifest {
   std::vector<Path> int_key_dicts;
 
   const Entry* find(std::string_view key) const;
+  // The file record named `name`, or nullptr.
+  const FileRecord* file(std::string_view name) const;
+  // Whether any file lives in another checkpoint.
+  bool has_references() const;
 };
+
+// Where a data file of the checkpoint in `dir` is: `dir/name`, or `dir/../checkpoint/name`
+// for a referenced one (for messages; readers open it through descriptors, source.h).
+std::string data_file_path(const std::string& dir, const FileRecord& f);
 
 // A path as JSON: an array of strings (keys) and integers (indices), and back (nullopt for
 // anything else, an integer beyond int64 included).

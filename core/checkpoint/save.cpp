@@ -140,6 +140,15 @@ Status check_options(const SaveOptions& opt) {
   if (opt.format == Format::kDsd && (opt.block_size < 4096 || (opt.block_size & (opt.block_size - 1)) != 0)) {
     return make_error(Code::kInvalidArgument, "block size {} is not a power of two >= 4096", opt.block_size);
   }
+  if (opt.incremental && opt.base.empty()) {
+    return make_error(Code::kInvalidArgument,
+                      "an incremental save needs its base: name it (base), or save through a checkpoint manager, "
+                      "which takes the previous step");
+  }
+  if (!opt.base.empty() && opt.format != Format::kDsd) {
+    return make_error(Code::kInvalidArgument, "an incremental save (base '{}') writes the dsd format, not {}", opt.base,
+                      format_name(opt.format));
+  }
   return ok();
 }
 
@@ -225,6 +234,12 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
                                   const SaveOptions& options, Status incoming) {
   SaveOptions opt = options;
   opt.thread_count = default_threads(opt.thread_count, 4);
+  if (opt.incremental && opt.base.empty() && opt.choose_base) {
+    Result<std::string> base = opt.choose_base(comm);
+    if (!base.ok()) return std::move(base).error();
+    opt.base = std::move(*base);
+    opt.incremental = false;
+  }
   const std::unique_ptr<StorageWriter> writer =
       opt.format == Format::kDcp ? make_dcp_storage_writer(path, opt) : make_dsd_storage_writer(path, opt);
   const int64_t rank = comm.rank();
@@ -284,7 +299,9 @@ Result<SaveInfo> save_with_status(Communicator& comm, const Dict& state_dict, co
     return std::move(cs).error();
   }
   if (rank == 0) writer->remove_stale_files();
-  return SaveInfo{global.save_id, written->bytes, written->files, planned.cached};
+  SaveInfo info{global.save_id, written->bytes, written->files, planned.cached};
+  info.bytes_referenced = written->bytes_referenced;
+  return info;
 }
 
 }  // namespace dsd::checkpoint

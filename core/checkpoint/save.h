@@ -48,6 +48,19 @@ struct SaveOptions {
   // save(), which stages nothing: it writes from the state dict's own tensors (device ones
   // through a bounded host buffer).
   uint64_t max_staging_bytes = 0;
+  // An incremental save: the path of a dsd checkpoint in the same parent directory (the
+  // previous step) whose unchanged chunks are referenced instead of written again
+  // (base_checkpoint.h; the manifest then has format version 2). The new checkpoint needs
+  // the base's files to load; a checkpoint manager's retention keeps them
+  // (retention.h). Empty: every chunk is written. The dsd format only. Chunks whose data a
+  // tensor_provider supplies (capped async staging in waves) are always written.
+  std::string base;
+  // Checkpoint manager saves: the base is the newest complete step before this one (none for
+  // the first). A plain save() with it and no base is kInvalidArgument.
+  bool incremental = false;
+  // Set by the checkpoint manager for incremental saves: chooses the base when the save
+  // starts (collective, every rank; "" for none).
+  std::function<Result<std::string>(Communicator& comm)> choose_base;
   // Conversions: tensors of the state dict on the meta device are placeholders, and this
   // supplies each one's data (a CPU tensor of the same dtype and shape) when it is written,
   // so a save holds at most one tensor per writer thread. Called from writer threads.
@@ -62,6 +75,7 @@ struct SaveInfo {
   std::string save_id;
   uint64_t bytes_written = 0;  // by this rank, data files only
   int files_written = 0;       // by this rank
+  uint64_t bytes_referenced = 0;  // by this rank: chunk bytes referenced in the base (SaveOptions::base)
   // Whether the save reused the global plan of an earlier save (enable_plan_caching; the
   // same on every rank).
   bool plan_cached = false;

@@ -145,8 +145,36 @@ Result<std::shared_ptr<const std::map<std::string, File>>> open_data_files(const
   const File d = TRY(open_dir(dir));
   auto files = std::make_shared<std::map<std::string, File>>();
   std::map<std::string, DataFileInfo> infos;
+  // The sibling checkpoints an incremental checkpoint references, each opened once.
+  std::map<std::string, File> bases;
   for (const FileRecord& r : m.files) {
-    File f = TRY(open_in_dir(d, r.name, options.allow_external_files));
+    const File* in = &d;
+    if (r.referenced()) {
+      auto b = bases.find(r.checkpoint);
+      if (b == bases.end()) {
+        Result<File> bd = open_sibling_dir(d, r.checkpoint, options.allow_external_files);
+        if (!bd.ok()) {
+          Error e = std::move(bd).error();
+          if (e.code == Code::kNotFound) {
+            return make_error_at(Code::kNotFound, data_file_path(dir, r),
+                                 "data file '{}' of checkpoint '{}' is missing: its base checkpoint '{}' was moved or "
+                                 "deleted (an incremental checkpoint reads the unchanged tensors from it)",
+                                 data_file_path(dir, r), dir, r.checkpoint);
+          }
+          return e;
+        }
+        b = bases.emplace(r.checkpoint, std::move(bd).value()).first;
+      }
+      in = &b->second;
+    }
+    Result<File> opened = open_in_dir(*in, r.name, options.allow_external_files);
+    if (!opened.ok() && r.referenced() && opened.error().code == Code::kNotFound) {
+      return make_error_at(Code::kNotFound, data_file_path(dir, r),
+                           "data file '{}' of checkpoint '{}' is missing from its base checkpoint '{}' (moved or "
+                           "deleted out of band)",
+                           data_file_path(dir, r), dir, r.checkpoint);
+    }
+    File f = TRY(std::move(opened));
     DataFileInfo info;
     info.size = TRY(file_size(f));
     if (info.size != r.size) {
@@ -230,7 +258,7 @@ Result<Source> dcp_source(const std::string& dir, dcp::Metadata metadata, bool r
     }
     m.entries.push_back(std::move(e));
   }
-  for (const std::string& f : files) m.files.push_back({f, distcp_rank(f).value_or(0), 0});
+  for (const std::string& f : files) m.files.push_back({f, distcp_rank(f).value_or(0), 0, {}});
   index.metadata = std::move(metadata);
   s.dcp = std::move(index);
   return s;

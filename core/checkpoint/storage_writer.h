@@ -34,6 +34,7 @@ struct WriteResult {
   std::string results;
   uint64_t bytes = 0;
   int files = 0;
+  uint64_t bytes_referenced = 0;  // incremental saves: chunk bytes left in the base's files
 };
 
 class StorageWriter {

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/base/make_error.h"
 
@@ -14,7 +15,7 @@ namespace {
 // Binary, native byte order (the ranks of one save run one build of dsd on one architecture):
 // a coordinator at 16k ranks merges ~17M chunk records, which as JSON cost ~20 us each to
 // parse and 2x the bytes.
-constexpr std::string_view kMagic{"DSDWR01\n", 8};
+constexpr std::string_view kMagic{"DSDWR02\n", 8};
 
 void put_u64(std::string& out, uint64_t v) { out.append(reinterpret_cast<const char*>(&v), sizeof v); }
 void put_str(std::string& out, std::string_view s) {
@@ -73,6 +74,7 @@ std::string encode_write_results(std::span<const FileRecord> files, std::span<co
     put_str(out, f.name);
     put_u64(out, static_cast<uint64_t>(f.rank));
     put_u64(out, f.size);
+    put_str(out, f.checkpoint);
   }
   put_u64(out, chunks.size());
   for (const WrittenChunk& c : chunks) {
@@ -92,17 +94,23 @@ std::string encode_write_results(std::span<const FileRecord> files, std::span<co
 
 Status merge_write_results(Manifest& m, const std::vector<std::string>& results) {
   std::unordered_map<std::string, std::vector<ChunkRecord>> by_key;
+  std::unordered_set<std::string> referenced;
   for (size_t rank = 0; rank < results.size(); ++rank) {
     auto malformed = [&] { return make_error(Code::kComm, "rank {} sent malformed write results", rank); };
     const std::string& text = results[rank];
     if (!std::string_view(text).starts_with(kMagic)) return malformed();
     Reader r{text, kMagic.size()};
-    const uint64_t nfiles = r.count(24);
+    const uint64_t nfiles = r.count(32);
     for (uint64_t i = 0; i < nfiles && !r.bad; ++i) {
       FileRecord f;
       f.name = r.str();
       f.rank = static_cast<int64_t>(r.u64());
       f.size = r.u64();
+      f.checkpoint = r.str();
+      // A file of the base checkpoint is referenced by every rank whose chunks it holds:
+      // listed once.
+      if (f.referenced() && referenced.count(f.name)) continue;
+      if (f.referenced()) referenced.insert(f.name);
       m.files.push_back(std::move(f));
     }
     const uint64_t nchunks = r.count(56);

@@ -16,6 +16,7 @@
 #include "core/base/torch_call.h"
 #include "core/checkpoint/dcp_files.h"
 #include "core/checkpoint/io.h"
+#include "core/checkpoint/materialize.h"
 #include "core/checkpoint/pool.h"
 #include "core/checkpoint/save.h"
 #include "core/checkpoint/value_json.h"
@@ -283,7 +284,7 @@ Status write_checkpoint(const StateReader& reader, const std::string& dst, Forma
   return ok();
 }
 
-// `reader` itself when the options select, rename and cast nothing; otherwise a view of it
+// `reader` itself when the options select, rename, cast and dequantize nothing; otherwise a view of it
 // (in `view`, which must outlive the use).
 Result<const StateReader*> viewed(const StateReader& reader, const ConvertOptions& options,
                                   std::unique_ptr<StateReader>& view) {
@@ -296,7 +297,7 @@ Result<const StateReader*> viewed(const StateReader& reader, const ConvertOption
 }  // namespace
 
 StateViewOptions view_options(const ConvertOptions& options) {
-  return StateViewOptions{options.select, options.strip_prefix, options.dtype};
+  return StateViewOptions{options.select, options.strip_prefix, options.dtype, options.dequantize};
 }
 
 // ---- torch.save -----------------------------------------------------------------------------
@@ -376,6 +377,15 @@ Status convert(const StateReader& reader, const std::string& dst, Format to, con
 }
 
 Status convert(const std::string& src, const std::string& dst, Format to, const ConvertOptions& options) {
+  if (options.materialize) {
+    if (to != Format::kDsd || !is_identity(view_options(options))) {
+      return make_error(Code::kInvalidArgument,
+                        "materialize copies a dsd checkpoint as it is: to the dsd format, with no select, "
+                        "strip_prefix, dtype or dequantize");
+    }
+    TRY(checkpoint::materialize(src, dst, options.overwrite));
+    return ok();
+  }
   auto reader = TRY(StateReader::open(src, {options.allow_external_files}));
   return convert(*reader, dst, to, options);
 }

@@ -37,10 +37,17 @@ struct ConvertOptions {
   // What of the source is written, under which keys, in which dtype (state_view.h's
   // StateViewOptions, applied to the reader by every function below): a key prefix
   // ("model" or "model.": the subtree under "model"; empty: all), whether that prefix is
-  // dropped from the output keys, and the dtype every floating tensor is cast to.
+  // dropped from the output keys, the dtype every floating tensor is cast to, and whether
+  // FP8 block-scaled weights are dequantized first (to `dtype`, else bfloat16; their
+  // `_scale_inv` scales dropped).
   std::string select;
   bool strip_prefix = false;
   std::optional<DType> dtype;
+  bool dequantize = false;
+  // convert() from a dsd checkpoint path to Format::kDsd: the checkpoint copied as it is,
+  // self-contained (checkpoint/materialize.h; `dst` may be `src`). Only overwrite applies
+  // with it; any view option is kInvalidArgument.
+  bool materialize = false;
 };
 
 // The view options of `options`.
@@ -54,7 +61,9 @@ StateViewOptions view_options(const ConvertOptions& options);
 // is there and !overwrite), kUnsupported (a safetensors export of a state that cannot be
 // flattened to tensors and values), those of make_state_view (kNotFound: select matches
 // nothing; kInvalidArgument: strip_prefix without select, a non-floating dtype, a key left
-// empty or two keys made one by the strip), and those of the reader and the writer.
+// empty or two keys made one by the strip; with dequantize, kCorrupt / kUnsupported for a
+// scale without its weight, of the wrong dtype or shape, or of a weight that is not 2-D
+// float8), and those of the reader and the writer.
 Status convert(const StateReader& reader, const std::string& dst, Format to, const ConvertOptions& options = {});
 // The same from a path of any format.
 Status convert(const std::string& src, const std::string& dst, Format to, const ConvertOptions& options = {});

@@ -1,5 +1,5 @@
 // StateView: a StateReader over another one, with a key selection, a prefix strip and a cast
-// of the floating tensors.
+// of the floating tensors, over the dequantized base when asked.
 #include "core/interop/state_view.h"
 
 #include <fmt/format.h>
@@ -11,6 +11,7 @@
 
 #include "core/base/make_error.h"
 #include "core/base/torch_call.h"
+#include "core/interop/dequantize.h"
 #include "core/tensor/dtype_torch.h"
 
 namespace dsd::interop {
@@ -56,7 +57,10 @@ uint64_t numel_of(const std::vector<int64_t>& shape) {
 
 class StateView final : public StateReader {
  public:
-  explicit StateView(const StateReader& base) : base_(base) {
+  // `owned`: a view between the caller's reader and this one (the dequantized base), which
+  // `base` is.
+  explicit StateView(const StateReader& base, std::unique_ptr<StateReader> owned = nullptr)
+      : owned_(std::move(owned)), base_(base) {
     format_ = base.format();
     path_ = base.path();
     world_size_ = base.world_size();
@@ -135,6 +139,7 @@ class StateView final : public StateReader {
   Result<Value> read_value(size_t index) const override { return base_.read_value(source_.at(index)); }
 
  private:
+  std::unique_ptr<StateReader> owned_;
   const StateReader& base_;
   std::vector<size_t> source_;  // per item: the base's index
   std::vector<bool> cast_;      // per item: read as the base's dtype and cast
@@ -143,7 +148,7 @@ class StateView final : public StateReader {
 }  // namespace
 
 bool is_identity(const StateViewOptions& options) {
-  return options.select.empty() && !options.strip_prefix && !options.dtype;
+  return options.select.empty() && !options.strip_prefix && !options.dtype && !options.dequantize;
 }
 
 bool is_floating(DType dtype) {
@@ -173,7 +178,15 @@ Result<std::unique_ptr<StateReader>> make_state_view(const StateReader& base, co
                       "float8_e4m3fn, float8_e5m2)",
                       dtype_name(*o.dtype));
   }
-  auto view = std::make_unique<StateView>(base);
+  std::unique_ptr<StateView> view;
+  if (o.dequantize) {
+    std::unique_ptr<StateReader> dequantized =
+        TRY(make_dequantized_view(base, o.dtype.value_or(DType::kBFloat16)));
+    const StateReader& inner = *dequantized;
+    view = std::make_unique<StateView>(inner, std::move(dequantized));
+  } else {
+    view = std::make_unique<StateView>(base);
+  }
   TRY(view->build(o));
   return std::unique_ptr<StateReader>(std::move(view));
 }

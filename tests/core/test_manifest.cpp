@@ -22,7 +22,7 @@ Manifest good() {
   m.world_size = 2;
   m.mesh_shape = std::vector<int64_t>{2};
   m.block_size = 16;
-  m.files = {{"f0.safetensors", 0, 100}, {"f1.safetensors", 1, 100}};
+  m.files = {{"f0.safetensors", 0, 100, {}}, {"f1.safetensors", 1, 100, {}}};
   Entry t;
   t.key = "w";
   t.path = {std::string("w")};
@@ -96,7 +96,7 @@ TEST(Manifest, OverlapsAreFoundAmongManyChunks) {
   Manifest m;
   m.save_id = "0123456789abcdef";
   m.block_size = 1u << 20;
-  m.files = {{"f", 0, 4096 * 8}};
+  m.files = {{"f", 0, 4096 * 8, {}}};
   Entry t;
   t.key = "w";
   t.path = {std::string("w")};

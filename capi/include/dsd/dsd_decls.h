@@ -75,7 +75,7 @@
 /* The ABI this header describes: bindings compare it with dsd_abi_version() and refuse a
  * library of another major version. The major version is also the soname's. */
 #define DSD_ABI_VERSION_MAJOR 1
-#define DSD_ABI_VERSION_MINOR 1
+#define DSD_ABI_VERSION_MINOR 2
 
 /* (major << 16) | minor of the loaded library. Any thread. */
 uint32_t dsd_abi_version(void);
@@ -919,6 +919,20 @@ typedef struct dsd_checkpoint_save_options {
                                  copied (later than without a cap); a single storage larger
                                  than the cap is staged alone. Ignored by dsd_checkpoint_save
                                  (0: no cap, the default) */
+  /* Since 1.2 (a 1.1 caller's struct_size, 40, reads them as NULL and false). An
+   * incremental save: the path of a dsd checkpoint in the same parent directory (the
+   * previous step) whose chunks the new checkpoint references instead of writing them again
+   * when their bytes are unchanged (same key, dtype, offsets and sizes; checksums equal and
+   * a byte compare against the base's file). The new checkpoint then needs the files it
+   * references to load (DSD_E_NOT_FOUND naming a missing one); a manager's retention keeps
+   * them. Borrowed for the call (an async save copies it). NULL or "" (default): none.
+   * DSD_E_INVALID_ARGUMENT for a base that is the destination, not a sibling of it, or a
+   * DCP checkpoint, or with DSD_FORMAT_DCP; DSD_E_NOT_FOUND when it holds no checkpoint. */
+  const char* base;
+  /* Saves through a dsd_checkpoint_manager: the base is the newest complete step before
+   * this one (none for the first). A plain dsd_checkpoint_save with it and no `base` is
+   * DSD_E_INVALID_ARGUMENT. Default false. */
+  bool incremental;
 } dsd_checkpoint_save_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */
@@ -1083,6 +1097,25 @@ dsd_status dsd_checkpoint_manager_load_latest(dsd_checkpoint_manager* manager, d
                                               const dsd_checkpoint_load_options* options,
                                               bool* out_found, int64_t* out_step, dsd_error** err);
 
+/* What dsd_checkpoint_gc did. */
+typedef struct dsd_checkpoint_gc_report {
+  uint32_t struct_size;     /* sizeof(dsd_checkpoint_gc_report), set by the caller */
+  int64_t retired_removed;  /* retired checkpoint directories removed whole */
+  int64_t files_removed;    /* unreferenced data files removed from retired ones kept */
+  uint64_t bytes_removed;   /* bytes of everything removed */
+} dsd_checkpoint_gc_report;
+
+/* Garbage collection of an incremental checkpoint root, by the rule a manager's retention
+ * follows: a retired checkpoint (a subdirectory of `root` whose checkpoint.json a manager, or
+ * `dsd gc --retire`, renamed to checkpoint.retired.json) loses the data files no live
+ * checkpoint of `root` references, and is removed whole once none is referenced. Counting
+ * happens before anything is removed, so a kill at any moment leaves every live checkpoint
+ * loadable. `out` may be NULL. Not collective: one process runs it, while no save takes a
+ * retired checkpoint as its base. Returns DSD_E_NOT_FOUND (no `root`), DSD_E_IO (also a live
+ * manifest that cannot be read: nothing is removed then), DSD_E_INVALID_ARGUMENT (a
+ * struct_size that is no version of the report). */
+dsd_status dsd_checkpoint_gc(const char* root, dsd_checkpoint_gc_report* out, dsd_error** err);
+
 /* ============================================================================================
  * Formats and conversions
  * ========================================================================================== */
@@ -1106,6 +1139,18 @@ typedef struct dsd_format_convert_options {
    * Tensor.to does (to nearest, ties to even), while integer, bool and complex tensors are
    * written as they are. Any other dtype is DSD_E_INVALID_ARGUMENT. */
   dsd_dtype dtype;
+  /* Since 1.2 (a 1.1 caller's struct_size, 40, reads both as false). Dequantize FP8
+   * block-scaled weights (DeepSeek-V3 style): every float8 `X` with a float32
+   * `X_scale_inv` (one scale per 128x128 block) is written as X * scale in `dtype`
+   * (default bfloat16), as PyTorch's QuantizedHuggingFaceStorageReader, and the
+   * `_scale_inv` tensors are dropped. Default false. */
+  bool dequantize;
+  /* dsd_format_convert to DSD_FORMAT_DSD from a dsd checkpoint: copy it as it is (its
+   * files, layout and checksums), with the files an incremental checkpoint references in
+   * its base checkpoints copied in, so it stands alone; `dst` may be `src` (in place, safe
+   * to be killed at any moment). No other option may be set with it
+   * (DSD_E_INVALID_ARGUMENT). Default false. */
+  bool materialize;
 } dsd_format_convert_options;
 
 /* Fills `options` with the defaults. NULL is a no-op. */

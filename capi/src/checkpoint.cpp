@@ -292,21 +292,14 @@ dsd_status dsd_checkpoint_verify(const char* path, dsd_error** err) {
 dsd_status dsd_checkpoint_gc(const char* root, dsd_checkpoint_gc_report* out, dsd_error** err) {
   return guard(err, [&]() -> dsd::Status {
     TRY(require(root, "root"));
-    if (out != nullptr && out->struct_size < sizeof(dsd_checkpoint_gc_report)) {
-      return dsd::make_error(dsd::Code::kInvalidArgument,
-                             "out->struct_size is {}, which is no version of dsd_checkpoint_gc_report ({} bytes): set "
-                             "it to sizeof(dsd_checkpoint_gc_report)",
-                             out->struct_size, sizeof(dsd_checkpoint_gc_report));
-    }
+    TRY(require(out, "out"));
     if (!dsd::checkpoint::is_directory(root)) {
       return dsd::make_error_at(dsd::Code::kNotFound, root, "checkpoint root '{}' does not exist", root);
     }
     auto report = TRY(dsd::checkpoint::collect_garbage(root));
-    if (out != nullptr) {
-      out->retired_removed = report.retired_removed;
-      out->files_removed = report.files_removed;
-      out->bytes_removed = report.bytes_removed;
-    }
+    out->retired_removed = report.retired_removed;
+    out->files_removed = report.files_removed;
+    out->bytes_removed = report.bytes_removed;
     return dsd::ok();
   });
 }

@@ -75,10 +75,10 @@ struct SaveInfo {
   std::string save_id;
   uint64_t bytes_written = 0;  // by this rank, data files only
   int files_written = 0;       // by this rank
-  uint64_t bytes_referenced = 0;  // by this rank: chunk bytes referenced in the base (SaveOptions::base)
   // Whether the save reused the global plan of an earlier save (enable_plan_caching; the
   // same on every rank).
   bool plan_cached = false;
+  uint64_t bytes_referenced = 0;  // by this rank: chunk bytes referenced in the base (SaveOptions::base)
 };
 
 // Crash consistency: data files are new files named after the save id, the manifest is

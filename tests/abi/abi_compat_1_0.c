@@ -1,7 +1,7 @@
-/* Programs linked against ABI 1.0 keep working with this library.
+/* Programs linked against ABI 1.0 and 1.1 keep working with this library.
  *
  * 1.1 grew two option structs (dsd_checkpoint_save_options: 32 -> 40 bytes,
- * dsd_format_convert_options: 24 -> 48 bytes). A 1.0 program's struct is the old size, so the
+ * dsd_format_convert_options: 24 -> 40 bytes), and 1.2 grew them again (-> 56 and 48). A 1.0 program's struct is the old size, so the
  * _init it calls must not write past it: the 1.0 symbols (dsd_<x>_options_init@DSD_1,
  * capi/dsd.map) fill the old prefix only and set the old struct_size, and every function reads
  * such a struct with the new fields at their defaults. What a 1.0 binary would do is done here
@@ -32,44 +32,45 @@ static init_fn versioned(const char* name, const char* version) {
   return fn;
 }
 
-/* The 1.0 init fills `old_size` bytes and nothing after; the 1.1 init (the default version,
- * which the name resolves to at link time) fills the whole struct. */
-static void check_init(const char* name, init_fn linked, size_t old_size, size_t new_size) {
-  const init_fn v1_0 = versioned(name, "DSD_1");
-  const init_fn v1_1 = versioned(name, "DSD_1.1");
-  if (v1_0 == NULL || v1_1 == NULL) return;
-  CHECK(v1_0 != v1_1);
-  CHECK(v1_1 == linked);
-
+/* `init@version` fills `size` bytes and nothing after, and sets struct_size to it. */
+static void check_prefix(const char* name, const char* version, init_fn fn, size_t size) {
   Buffer b;
   memset(b.bytes, 0xAB, sizeof b.bytes);
-  v1_0(b.bytes);
-  uint32_t size;
-  memcpy(&size, b.bytes, sizeof size);
-  if (size != old_size) {
-    fprintf(stderr, "%s@DSD_1 set struct_size %u, expected %zu\n", name, size, old_size);
+  fn(b.bytes);
+  uint32_t got;
+  memcpy(&got, b.bytes, sizeof got);
+  if (got != size) {
+    fprintf(stderr, "%s@%s set struct_size %u, expected %zu\n", name, version, got, size);
     check_failures++;
   }
-  for (size_t i = old_size; i < sizeof b.bytes; ++i) {
+  for (size_t i = size; i < sizeof b.bytes; ++i) {
     if (b.bytes[i] != 0xAB) {
-      fprintf(stderr, "%s@DSD_1 wrote byte %zu of a %zu-byte 1.0 struct\n", name, i, old_size);
+      fprintf(stderr, "%s@%s wrote byte %zu of a %zu-byte struct\n", name, version, i, size);
       check_failures++;
       break;
     }
   }
+}
 
-  memset(b.bytes, 0xAB, sizeof b.bytes);
-  v1_1(b.bytes);
-  memcpy(&size, b.bytes, sizeof size);
-  CHECK(size == new_size);
-  CHECK(b.bytes[new_size] == 0xAB);
+/* The 1.0 and 1.1 inits fill their versions' sizes only; the 1.2 init (the default version,
+ * which the name resolves to at link time) fills the whole struct. */
+static void check_init(const char* name, init_fn linked, size_t size_1_0, size_t size_1_1, size_t size_1_2) {
+  const init_fn v1_0 = versioned(name, "DSD_1");
+  const init_fn v1_1 = versioned(name, "DSD_1.1");
+  const init_fn v1_2 = versioned(name, "DSD_1.2");
+  if (v1_0 == NULL || v1_1 == NULL || v1_2 == NULL) return;
+  CHECK(v1_0 != v1_1 && v1_1 != v1_2 && v1_0 != v1_2);
+  CHECK(v1_2 == linked);
+  check_prefix(name, "DSD_1", v1_0, size_1_0);
+  check_prefix(name, "DSD_1.1", v1_1, size_1_1);
+  check_prefix(name, "DSD_1.2", v1_2, size_1_2);
 }
 
 int main(void) {
   check_init("dsd_checkpoint_save_options_init", (init_fn)(void (*)(dsd_checkpoint_save_options*))dsd_checkpoint_save_options_init,
-             32, sizeof(dsd_checkpoint_save_options));
+             32, 40, sizeof(dsd_checkpoint_save_options));
   check_init("dsd_format_convert_options_init", (init_fn)(void (*)(dsd_format_convert_options*))dsd_format_convert_options_init,
-             24, sizeof(dsd_format_convert_options));
+             24, 40, sizeof(dsd_format_convert_options));
 
   /* A 1.0 program's options, as its init left them, are read: a save and a conversion. */
   char dir[64];
@@ -109,6 +110,16 @@ int main(void) {
     CHECK_OK(dsd_format_convert(ckpt, out, DSD_FORMAT_SAFETENSORS, (const dsd_format_convert_options*)(void*)co.bytes,
                                 ERR));
     CHECK(access(out, F_OK) == 0);
+
+    /* A 1.1 program's save options: read with base and incremental at their defaults. */
+    const init_fn save_1_1 = versioned("dsd_checkpoint_save_options_init", "DSD_1.1");
+    if (save_1_1 != NULL) {
+      memset(so.bytes, 0xAB, sizeof so.bytes);
+      save_1_1(so.bytes);
+      char ckpt2[128];
+      snprintf(ckpt2, sizeof ckpt2, "%s/ckpt_1_1", dir);
+      CHECK_OK(dsd_checkpoint_save(NULL, sd, ckpt2, (const dsd_checkpoint_save_options*)(void*)so.bytes, ERR));
+    }
   }
 
   dsd_state_dict_release(sd);

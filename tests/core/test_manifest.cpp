@@ -156,7 +156,7 @@ TEST(Manifest, BadJson) {
   EXPECT_EQ(parse_manifest("{").error().code, Code::kCorrupt);
   EXPECT_THAT(parse_manifest("[]").error().message, HasSubstr("not a JSON object"));
   expect_bad([](json& j) { j["format"] = "other"; }, "not a dsd checkpoint manifest");
-  expect_bad([](json& j) { j["format_version"] = 2; }, "format version 2", Code::kUnsupported);
+  expect_bad([](json& j) { j["format_version"] = 3; }, "format version 3", Code::kUnsupported);
   expect_bad([](json& j) { j.erase("files"); }, "no 'files' array");
   expect_bad([](json& j) { j["block_size"] = 0; }, "block size of 0");
 }

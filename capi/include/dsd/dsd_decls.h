@@ -1097,9 +1097,9 @@ dsd_status dsd_checkpoint_manager_load_latest(dsd_checkpoint_manager* manager, d
                                               const dsd_checkpoint_load_options* options,
                                               bool* out_found, int64_t* out_step, dsd_error** err);
 
-/* What dsd_checkpoint_gc did. */
+/* What dsd_checkpoint_gc did (filled by it; an output only, so it has no struct_size: a
+ * later version that reports more adds a function rather than fields). */
 typedef struct dsd_checkpoint_gc_report {
-  uint32_t struct_size;     /* sizeof(dsd_checkpoint_gc_report), set by the caller */
   int64_t retired_removed;  /* retired checkpoint directories removed whole */
   int64_t files_removed;    /* unreferenced data files removed from retired ones kept */
   uint64_t bytes_removed;   /* bytes of everything removed */
@@ -1110,10 +1110,9 @@ typedef struct dsd_checkpoint_gc_report {
  * `dsd gc --retire`, renamed to checkpoint.retired.json) loses the data files no live
  * checkpoint of `root` references, and is removed whole once none is referenced. Counting
  * happens before anything is removed, so a kill at any moment leaves every live checkpoint
- * loadable. `out` may be NULL. Not collective: one process runs it, while no save takes a
- * retired checkpoint as its base. Returns DSD_E_NOT_FOUND (no `root`), DSD_E_IO (also a live
- * manifest that cannot be read: nothing is removed then), DSD_E_INVALID_ARGUMENT (a
- * struct_size that is no version of the report). */
+ * loadable. *out receives the counts. Not collective: one process runs it, while no save
+ * takes a retired checkpoint as its base. Returns DSD_E_NOT_FOUND (no `root`), DSD_E_IO
+ * (also a live manifest that cannot be read: nothing is removed then). */
 dsd_status dsd_checkpoint_gc(const char* root, dsd_checkpoint_gc_report* out, dsd_error** err);
 
 /* ============================================================================================

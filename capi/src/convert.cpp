@@ -3,11 +3,13 @@
 
 #include <cstddef>
 #include <cstring>
+#include <map>
 
 #include "capi/src/guard.h"
 #include "capi/src/state_dicts.h"
 #include "capi/src/options.h"
 #include "core/base/make_error.h"
+#include "core/checkpoint/load.h"
 #include "core/interop/convert.h"
 #include "core/interop/detect.h"
 #include "core/interop/state_reader.h"
@@ -107,6 +109,26 @@ Result<DictPtr> inspect(const char* path, const dsd_checkpoint_load_options* o) 
   out->set("format", Value(std::string(checkpoint::format_name(reader->format()))));
   out->set("world_size", Value(reader->world_size()));
   out->set("entries", Value(std::move(entries)));
+  // What an incremental dsd checkpoint owns and what it references in its bases.
+  uint64_t owned = reader->tensor_bytes();
+  DictPtr referenced = Dict::make();
+  if (reader->format() == checkpoint::Format::kDsd) {
+    const checkpoint::Manifest m = TRY(checkpoint::read_manifest(path));
+    if (m.has_references()) {
+      owned = 0;
+      std::map<std::string, int64_t> by_base;
+      for (const checkpoint::Entry& e : m.entries) {
+        for (const checkpoint::ChunkRecord& c : e.chunks) {
+          const checkpoint::FileRecord* f = m.file(c.file);
+          if (f != nullptr && f->referenced()) by_base[f->checkpoint] += static_cast<int64_t>(c.nbytes());
+          else owned += c.nbytes();
+        }
+      }
+      for (const auto& [base, n] : by_base) referenced->set(base, Value(n));
+    }
+  }
+  out->set("owned_bytes", Value(static_cast<int64_t>(owned)));
+  out->set("referenced_bytes", Value(std::move(referenced)));
   return out;
 }
 

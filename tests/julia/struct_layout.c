@@ -65,6 +65,8 @@ int main(void) {
   FIELD(dsd_checkpoint_save_options, format);
   FIELD(dsd_checkpoint_save_options, enable_plan_caching);
   FIELD(dsd_checkpoint_save_options, max_staging_bytes);
+  FIELD(dsd_checkpoint_save_options, base);
+  FIELD(dsd_checkpoint_save_options, incremental);
 
   STRUCT(dsd_checkpoint_load_options);
   FIELD(dsd_checkpoint_load_options, struct_size);
@@ -83,5 +85,12 @@ int main(void) {
   FIELD(dsd_format_convert_options, select);
   FIELD(dsd_format_convert_options, strip_prefix);
   FIELD(dsd_format_convert_options, dtype);
+  FIELD(dsd_format_convert_options, dequantize);
+  FIELD(dsd_format_convert_options, materialize);
+
+  STRUCT(dsd_checkpoint_gc_report);
+  FIELD(dsd_checkpoint_gc_report, retired_removed);
+  FIELD(dsd_checkpoint_gc_report, files_removed);
+  FIELD(dsd_checkpoint_gc_report, bytes_removed);
   return 0;
 }

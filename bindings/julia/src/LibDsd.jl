@@ -16,7 +16,7 @@ end
 
 # Constants (#define)
 const DSD_ABI_VERSION_MAJOR = 1
-const DSD_ABI_VERSION_MINOR = 1
+const DSD_ABI_VERSION_MINOR = 2
 const DSD_OK = 0
 const DSD_E_INVALID_ARGUMENT = 1
 const DSD_E_STALE_HANDLE = 2
@@ -1033,6 +1033,8 @@ struct dsd_checkpoint_save_options
     format::dsd_format
     enable_plan_caching::Bool
     max_staging_bytes::UInt64
+    base::Cstring
+    incremental::Bool
 end
 
 # Fills `options` with the defaults. NULL is a no-op.
@@ -1221,6 +1223,27 @@ function dsd_checkpoint_manager_load_latest(manager, sd, options, out_found, out
     @ccall libdsd.dsd_checkpoint_manager_load_latest(manager::Ptr{dsd_checkpoint_manager}, sd::Ptr{dsd_state_dict}, options::Ptr{dsd_checkpoint_load_options}, out_found::Ptr{Bool}, out_step::Ptr{Int64}, err::Ptr{Ptr{dsd_error}})::dsd_status
 end
 
+# What dsd_checkpoint_gc did (filled by it; an output only, so it has no struct_size: a later
+# version that reports more adds a function rather than fields).
+struct dsd_checkpoint_gc_report
+    retired_removed::Int64
+    files_removed::Int64
+    bytes_removed::UInt64
+end
+
+# Garbage collection of an incremental checkpoint root, by the rule a manager's retention
+# follows: a retired checkpoint (a subdirectory of `root` whose checkpoint.json a manager, or
+# `dsd gc --retire`, renamed to checkpoint.retired.json) loses the data files no live checkpoint
+# of `root` references, and is removed whole once none is referenced. Counting happens before
+# anything is removed, so a kill at any moment leaves every live checkpoint loadable. *out
+# receives the counts. Not collective: one process runs it, while no save takes a retired
+# checkpoint as its base. Returns DSD_E_NOT_FOUND (no `root`), DSD_E_IO (also a live manifest
+# that cannot be read: nothing is removed then).
+# dsd_status dsd_checkpoint_gc(const char* root, dsd_checkpoint_gc_report* out, dsd_error** err)
+function dsd_checkpoint_gc(root, out, err)
+    @ccall libdsd.dsd_checkpoint_gc(root::Cstring, out::Ptr{dsd_checkpoint_gc_report}, err::Ptr{Ptr{dsd_error}})::dsd_status
+end
+
 struct dsd_format_convert_options
     struct_size::UInt32
     overwrite::Bool
@@ -1229,6 +1252,8 @@ struct dsd_format_convert_options
     select::Cstring
     strip_prefix::Bool
     dtype::dsd_dtype
+    dequantize::Bool
+    materialize::Bool
 end
 
 # Fills `options` with the defaults. NULL is a no-op.
@@ -1251,12 +1276,15 @@ end
 # "path": [the nested path: str keys and int list indices], and for tensors: "dtype" (torch's
 # name: "float32"), "shape": [int...], "nbytes": int (numel * element size), "chunks":
 # [{"offsets": [int...], "sizes": [int...]}...] (the saved pieces; one covering the tensor for a
-# single file)}}} Entries are in the order of the checkpoint's manifest or file. `options` may
-# be NULL (the defaults); only its allow_external_files is read (as for dsd_checkpoint_load: a
-# dsd checkpoint's data files are opened without following links unless it is true). Single
-# process; any thread. Returns DSD_E_NOT_FOUND (nothing there, or a directory holding no
-# checkpoint), DSD_E_CORRUPT (a malformed manifest, metadata or header, naming the file),
-# DSD_E_UNSUPPORTED (a file of another kind; unknown option bytes), DSD_E_IO.
+# single file)}}, "owned_bytes": tensor data bytes in the checkpoint's own files (all of them,
+# but for an incremental dsd checkpoint), "referenced_bytes": {base checkpoint directory name:
+# tensor data bytes it references there} (since 1.2; empty unless incremental)} Entries are in
+# the order of the checkpoint's manifest or file. `options` may be NULL (the defaults); only its
+# allow_external_files is read (as for dsd_checkpoint_load: a dsd checkpoint's data files are
+# opened without following links unless it is true). Single process; any thread. Returns
+# DSD_E_NOT_FOUND (nothing there, or a directory holding no checkpoint), DSD_E_CORRUPT (a
+# malformed manifest, metadata or header, naming the file), DSD_E_UNSUPPORTED (a file of another
+# kind; unknown option bytes), DSD_E_IO.
 # dsd_status dsd_format_inspect(const char* path, const dsd_checkpoint_load_options* options, dsd_state_dict** out, dsd_error** err)
 function dsd_format_inspect(path, options, out, err)
     @ccall libdsd.dsd_format_inspect(path::Cstring, options::Ptr{dsd_checkpoint_load_options}, out::Ptr{Ptr{dsd_state_dict}}, err::Ptr{Ptr{dsd_error}})::dsd_status

@@ -10,8 +10,8 @@ optimizer adapter in _torch_adapter), checkpoints (_checkpoint) and format conve
 from __future__ import annotations
 
 from . import _capi
-from ._checkpoint import (AsyncCheckpointer, CheckpointManager, LoadReport, SaveFuture, async_save,
-                          load, load_full, save, verify)
+from ._checkpoint import (AsyncCheckpointer, CheckpointManager, GcReport, LoadReport, SaveFuture,
+                          async_save, gc, load, load_full, save, verify)
 from ._dist import Communicator, DeviceMesh, Layout, from_dtensor, to_dtensor
 from ._cli import main as cli_main
 from ._errors import (AbiMismatchError, BufferTooSmallError, CallbackError, CommError,
@@ -48,12 +48,12 @@ __version__ = version()
 __all__ = [
     "AbiMismatchError", "AsyncCheckpointer", "BufferTooSmallError", "CallbackError",
     "CheckpointManager", "CommError", "Communicator", "CorruptError", "DeviceError", "DeviceMesh",
-    "DtypeMismatchError", "Error", "ExistsError", "HandleError", "InternalError",
+    "DtypeMismatchError", "Error", "ExistsError", "GcReport", "HandleError", "InternalError",
     "InvalidArgumentError", "Layout", "LoadReport", "NoSpaceError", "NotFoundError",
     "OutOfMemoryError", "ReadOnlyError", "SaveFuture", "ShapeMismatchError", "StaleHandleError",
     "StateDict", "StateDictOptions", "StateError", "Tensor", "UnexpectedKeyError",
     "UnsupportedError", "WrongKindError", "abi_version", "async_save", "cli_main", "convert",
-    "detect_format", "export_safetensors", "export_torch_save", "ffi", "from_dtensor",
+    "detect_format", "export_safetensors", "export_torch_save", "ffi", "from_dtensor", "gc",
     "get_model_state_dict", "get_optimizer_state_dict", "get_state_dict", "import_safetensors",
     "import_torch_save", "inspect", "lib", "library_path", "load", "load_full", "optim_state_dict_to_fqn",
     "optim_state_dict_to_positional", "save", "set_model_state_dict", "set_optimizer_state_dict",

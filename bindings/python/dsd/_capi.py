@@ -848,6 +848,8 @@ class SaveOptions:
     format: str = "dsd"
     enable_plan_caching: bool = False
     max_staging_bytes: int = 0
+    base: str | None = None
+    incremental: bool = False
 
     def __post_init__(self):
         _format_code(self.format)
@@ -886,6 +888,8 @@ class ConvertOptions:
     select: str | None = None
     strip_prefix: bool = False
     dtype: str | None = None
+    dequantize: bool = False
+    materialize: bool = False
 
     def __post_init__(self):
         if self.dtype is not None:
@@ -909,21 +913,30 @@ def dtype_code(name: str) -> int:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPE_CODES)}") from None
 
 
-def _save_options(o: SaveOptions | None) -> CData:
-    if o is None:
-        return ffi.NULL
-    c = ffi.new("dsd_checkpoint_save_options*")
-    lib.dsd_checkpoint_save_options_init(c)
-    c.overwrite = o.overwrite
-    c.thread_count = o.thread_count
-    c.save_to_lowest_rank = o.save_to_lowest_rank
-    c.sync_files = o.sync_files
-    if o.block_size is not None:
-        c.block_size = o.block_size
-    c.format = _format_code(o.format)
-    c.enable_plan_caching = o.enable_plan_caching
-    c.max_staging_bytes = o.max_staging_bytes
-    return c
+class _SaveOptionsArg:
+    """dsd_checkpoint_save_options for one call (`ptr`), and the base path it points to."""
+
+    def __init__(self, o: SaveOptions | None):
+        self.ptr = ffi.NULL
+        self._base = ffi.NULL
+        if o is None:
+            return
+        c = ffi.new("dsd_checkpoint_save_options*")
+        lib.dsd_checkpoint_save_options_init(c)
+        c.overwrite = o.overwrite
+        c.thread_count = o.thread_count
+        c.save_to_lowest_rank = o.save_to_lowest_rank
+        c.sync_files = o.sync_files
+        if o.block_size is not None:
+            c.block_size = o.block_size
+        c.format = _format_code(o.format)
+        c.enable_plan_caching = o.enable_plan_caching
+        c.max_staging_bytes = o.max_staging_bytes
+        if o.base is not None:
+            self._base = ffi.new("char[]", os.fsencode(o.base))
+            c.base = self._base
+        c.incremental = o.incremental
+        self.ptr = c
 
 
 def _load_options(o: LoadOptions | None) -> CData:
@@ -959,11 +972,14 @@ class _ConvertOptionsArg:
         c.strip_prefix = o.strip_prefix
         if o.dtype is not None:
             c.dtype = dtype_code(o.dtype)
+        c.dequantize = o.dequantize
+        c.materialize = o.materialize
         self.ptr = c
 
 
 def checkpoint_save(comm: CData | None, sd: CData, path: StrPath, options: SaveOptions | None = None) -> None:
-    _call(lib.dsd_checkpoint_save, _opt(comm), sd, _path(path), _save_options(options))
+    o = _SaveOptionsArg(options)
+    _call(lib.dsd_checkpoint_save, _opt(comm), sd, _path(path), o.ptr)
 
 
 def async_checkpointer_new(comm: CData | None) -> CData:
@@ -979,7 +995,8 @@ def _owned_future(out: CData) -> CData:
 def checkpoint_save_async(checkpointer: CData, sd: CData, path: StrPath,
                           options: SaveOptions | None = None) -> CData:
     out = ffi.new("dsd_future**")
-    _call(lib.dsd_checkpoint_save_async, checkpointer, sd, _path(path), _save_options(options), out)
+    o = _SaveOptionsArg(options)
+    _call(lib.dsd_checkpoint_save_async, checkpointer, sd, _path(path), o.ptr, out)
     return _owned_future(out)
 
 
@@ -1018,6 +1035,13 @@ def checkpoint_verify(path: StrPath) -> None:
     _call(lib.dsd_checkpoint_verify, _path(path))
 
 
+def checkpoint_gc(root: StrPath) -> tuple[int, int, int]:
+    """dsd_checkpoint_gc: (retired directories removed, files removed, bytes removed)."""
+    out = ffi.new("dsd_checkpoint_gc_report*")
+    _call(lib.dsd_checkpoint_gc, _path(root), out)
+    return int(out.retired_removed), int(out.files_removed), int(out.bytes_removed)
+
+
 def checkpoint_manager_new(comm: CData | None, root: StrPath, keep_last: int) -> CData:
     out = ffi.new("dsd_checkpoint_manager**")
     _call(lib.dsd_checkpoint_manager_new, _opt(comm), _path(root), keep_last, out)
@@ -1026,13 +1050,15 @@ def checkpoint_manager_new(comm: CData | None, root: StrPath, keep_last: int) ->
 
 def checkpoint_manager_save(manager: CData, sd: CData, step: int,
                             options: SaveOptions | None = None) -> None:
-    _call(lib.dsd_checkpoint_manager_save, manager, sd, step, _save_options(options))
+    o = _SaveOptionsArg(options)
+    _call(lib.dsd_checkpoint_manager_save, manager, sd, step, o.ptr)
 
 
 def checkpoint_manager_save_async(manager: CData, sd: CData, step: int,
                                   options: SaveOptions | None = None) -> CData:
     out = ffi.new("dsd_future**")
-    _call(lib.dsd_checkpoint_manager_save_async, manager, sd, step, _save_options(options), out)
+    o = _SaveOptionsArg(options)
+    _call(lib.dsd_checkpoint_manager_save_async, manager, sd, step, o.ptr, out)
     return _owned_future(out)
 
 

@@ -5,10 +5,12 @@ DCP's (dsd.save(format="dcp"); dsd.load of a dcp.save directory)."""
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import _capi, _dist
 from ._capi import CData, LoadOptions, SaveOptions, StrPath
@@ -34,7 +36,7 @@ def _comm_ptr(comm: "_dist.Communicator | None") -> CData | None:
 
 def save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False, thread_count: int = 0,
          save_to_lowest_rank: bool = False, sync_files: bool = True, block_size: int | None = None,
-         format: str = "dsd", enable_plan_caching: bool = False,
+         format: str = "dsd", enable_plan_caching: bool = False, base: StrPath | None = None,
          comm: "_dist.Communicator | None" = None) -> None:
     """Saves `state_dict` (nested dicts/lists of tensors, DTensors and plain values) to the
     directory `path`, as a dsd checkpoint or (format="dcp") in PyTorch DCP's own format, which
@@ -46,9 +48,14 @@ def save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False, thread_
     shared by every dsd call); else in this process alone. Every rank calls it with its
     shards. Raises dsd.ExistsError (a FileExistsError) when a checkpoint is there and not
     `overwrite`, dsd.NoSpaceError (an OSError) when the disk is full (the old checkpoint stays
-    intact)."""
+    intact).
+
+    `base`: an incremental save. The path of a dsd checkpoint in the same parent directory
+    (the previous step) whose unchanged chunks are referenced instead of written again (same
+    key, dtype, offsets and sizes, equal checksums confirmed by a byte compare); the new
+    checkpoint then needs the base's files to load."""
     opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
-                       enable_plan_caching=enable_plan_caching)
+                       enable_plan_caching=enable_plan_caching, base=_fspath(base))
     comm = _dist.communicator_for(comm, state_dict)
     with tree_of(state_dict, comm) as sd:
         _capi.checkpoint_save(_comm_ptr(comm), sd, path, opts)
@@ -131,14 +138,14 @@ class AsyncCheckpointer:
     def save(self, state_dict: Mapping, path: StrPath, *, overwrite: bool = False,
              thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
              block_size: int | None = None, format: str = "dsd", enable_plan_caching: bool = False,
-             max_staging_bytes: int = 0) -> SaveFuture:
+             max_staging_bytes: int = 0, base: StrPath | None = None) -> SaveFuture:
         """Stages `state_dict` into the host buffers, then saves it in the background; options
         as dsd.save's. The returned future's result() raises the save's error, if any."""
         if self._ptr is None:
             raise closed("AsyncCheckpointer")
         opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
                            enable_plan_caching=enable_plan_caching,
-                           max_staging_bytes=max_staging_bytes)
+                           max_staging_bytes=max_staging_bytes, base=_fspath(base))
         with tree_of(state_dict, self._comm) as sd:
             return SaveFuture(_capi.checkpoint_save_async(self._ptr, sd, path, opts), self)
 
@@ -193,14 +200,15 @@ def _close_all() -> None:
 def async_save(state_dict: Mapping, path: StrPath, *, overwrite: bool = False,
                thread_count: int = 0, save_to_lowest_rank: bool = False, sync_files: bool = True,
                block_size: int | None = None, format: str = "dsd", enable_plan_caching: bool = False,
-               max_staging_bytes: int = 0, comm: "_dist.Communicator | None" = None) -> SaveFuture:
+               max_staging_bytes: int = 0, base: StrPath | None = None,
+               comm: "_dist.Communicator | None" = None) -> SaveFuture:
     """Stages `state_dict` into reusable host buffers and saves it in the background, through
     the default AsyncCheckpointer of the communicator (chosen as dsd.save chooses it); options
     as dsd.save's. The returned future's result() raises the save's error, if any."""
     opts = dict(overwrite=overwrite, thread_count=thread_count, save_to_lowest_rank=save_to_lowest_rank,
                 sync_files=sync_files, block_size=block_size, format=format,
-                enable_plan_caching=enable_plan_caching, max_staging_bytes=max_staging_bytes)
-    SaveOptions(**opts)  # bad options fail before a checkpointer is made
+                enable_plan_caching=enable_plan_caching, max_staging_bytes=max_staging_bytes, base=base)
+    SaveOptions(**{**opts, "base": _fspath(base)})  # bad options fail before a checkpointer is made
     comm = _dist.communicator_for(comm, state_dict)
     return _default_checkpointer(comm).save(state_dict, path, **opts)
 
@@ -276,6 +284,28 @@ def load_full(path: StrPath, keys=None) -> dict:
     return take_python(_capi.checkpoint_load_full(path, list(keys or [])))
 
 
+def _fspath(p: StrPath | None) -> str | None:
+    return None if p is None else os.fspath(p)
+
+
+class GcReport(NamedTuple):
+    """What dsd.gc removed: retired checkpoint directories removed whole, unreferenced data
+    files removed from retired ones still referenced, and the bytes of all of it."""
+
+    retired_removed: int
+    files_removed: int
+    bytes_removed: int
+
+
+def gc(root: StrPath) -> GcReport:
+    """Removes what the retired checkpoints under `root` hold that no live checkpoint there
+    references (the rule a CheckpointManager's retention follows; `dsd gc` on the command
+    line also retires by hand). The references are counted before anything is removed, so an
+    interrupted gc leaves every live checkpoint loadable. Raises dsd.NotFoundError (no
+    `root`), dsd.IOError (a live manifest that cannot be read: nothing is removed)."""
+    return GcReport(*_capi.checkpoint_gc(root))
+
+
 def verify(path: StrPath) -> None:
     """Checks every checksum of the checkpoint; raises dsd.CorruptError naming the file and
     key of the first damaged chunk."""
@@ -289,9 +319,14 @@ class CheckpointManager:
     when torch.distributed runs with several ranks (as dsd.save), else a single process.
     close() (or leaving a `with` block) waits for its async save in flight and frees it."""
 
-    def __init__(self, root: StrPath, keep_last: int = 0, comm: "_dist.Communicator | None" = None):
+    def __init__(self, root: StrPath, keep_last: int = 0, comm: "_dist.Communicator | None" = None, *,
+                 incremental: bool = False):
         """`root`: the directory of the step checkpoints; `keep_last`: how many complete ones to
-        keep (0: all); `comm`: see the class."""
+        keep (0: all); `comm`: see the class; `incremental`: each save references the
+        unchanged chunks of the newest complete step before it (dsd.save's `base`), and
+        retention keeps what kept steps reference (retired steps lose their files once no
+        kept step references them; dsd.gc)."""
+        self.incremental = incremental
         comm = _dist.communicator_for(comm)
         self._comm = comm
         self._ptr = _capi.checkpoint_manager_new(_comm_ptr(comm), root, keep_last)
@@ -315,7 +350,7 @@ class CheckpointManager:
         """Saves `state_dict` as step `step`, moves `latest`, then deletes the steps beyond
         `keep_last`; options as dsd.save's."""
         opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
-                           enable_plan_caching=enable_plan_caching)
+                           enable_plan_caching=enable_plan_caching, incremental=self.incremental)
         manager = self._manager()
         with tree_of(state_dict, self._tree_comm(state_dict)) as sd:
             _capi.checkpoint_manager_save(manager, sd, step, opts)
@@ -328,7 +363,7 @@ class CheckpointManager:
         result() raises the save's error, if any."""
         opts = SaveOptions(overwrite, thread_count, save_to_lowest_rank, sync_files, block_size, format,
                            enable_plan_caching=enable_plan_caching,
-                           max_staging_bytes=max_staging_bytes)
+                           max_staging_bytes=max_staging_bytes, incremental=self.incremental)
         manager = self._manager()
         with tree_of(state_dict, self._tree_comm(state_dict)) as sd:
             return SaveFuture(_capi.checkpoint_manager_save_async(manager, sd, step, opts), self)

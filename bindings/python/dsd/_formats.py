@@ -50,9 +50,17 @@ def inspect(path: str, *, allow_external_files: bool = False) -> dict:
 
 def convert(src: str, dst: str, to: str, *, overwrite: bool = False, thread_count: int = 0,
             max_shard_size: int | None = None, select: str | None = None, strip_prefix: bool = False,
-            dtype: torch.dtype | str | None = None) -> None:
+            dtype: torch.dtype | str | None = None, dequantize: bool = False,
+            materialize: bool = False) -> None:
     """Converts `src` (any of dsd, dcp, torch, safetensors; detected) to `dst` in format `to`,
     tensor by tensor.
+
+    `dequantize` writes FP8 block-scaled weights (a float8 `X.weight` with a float32
+    `X.weight_scale_inv`, one scale per 128x128 block, as DeepSeek-V3 ships) as `dtype`
+    (bfloat16 by default), as PyTorch's QuantizedHuggingFaceStorageReader, dropping the
+    scales. `materialize` (to="dsd", no other option) copies a dsd checkpoint as it is, with
+    the files an incremental checkpoint references in its bases copied in, so it stands
+    alone; `dst` may be `src` (in place).
 
     `select` writes only the entries whose flat key is that prefix or starts with it and a
     dot ("model" and "model." select everything under the key "model"); `strip_prefix`
@@ -69,7 +77,8 @@ def convert(src: str, dst: str, to: str, *, overwrite: bool = False, thread_coun
     name, and the errors of reading `src` and writing `dst`.
     """
     _capi.format_convert(src, dst, to, ConvertOptions(overwrite, thread_count, max_shard_size, select,
-                                                      strip_prefix, _dtype_name(dtype)))
+                                                      strip_prefix, _dtype_name(dtype), dequantize,
+                                                      materialize))
 
 
 def export_torch_save(state_dict: Mapping, path: str, *, overwrite: bool = False,

@@ -1170,7 +1170,11 @@ dsd_status dsd_format_detect(const char* path, dsd_format* out, dsd_error** err)
  *                           and for tensors: "dtype" (torch's name: "float32"),
  *                           "shape": [int...], "nbytes": int (numel * element size),
  *                           "chunks": [{"offsets": [int...], "sizes": [int...]}...] (the
- *                           saved pieces; one covering the tensor for a single file)}}}
+ *                           saved pieces; one covering the tensor for a single file)}},
+ *    "owned_bytes": tensor data bytes in the checkpoint's own files (all of them, but for an
+ *                   incremental dsd checkpoint),
+ *    "referenced_bytes": {base checkpoint directory name: tensor data bytes it references
+ *                         there} (since 1.2; empty unless incremental)}
  * Entries are in the order of the checkpoint's manifest or file. `options` may be NULL (the
  * defaults); only its allow_external_files is read (as for dsd_checkpoint_load: a dsd
  * checkpoint's data files are opened without following links unless it is true). Single

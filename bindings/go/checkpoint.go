@@ -37,6 +37,16 @@ type SaveOptions struct {
 	// Async saves: the most bytes host staging holds; a larger state is staged in waves, each
 	// written before the next is copied, so SaveAsync returns later (0: no cap).
 	MaxStagingBytes uint64
+	// An incremental save (since ABI 1.2): the path of a dsd checkpoint in the same parent
+	// directory (the previous step) whose unchanged chunks (same key, dtype, offsets and
+	// sizes, equal bytes) the new checkpoint references instead of writing them again; it
+	// then needs the base's files to load (ErrNotFound naming a missing one). "": none.
+	// ErrInvalidArgument for a base that is the destination or not its sibling.
+	Base string
+	// CheckpointManager saves: the base is the newest complete step before this one (none
+	// for the first), and retention keeps the files kept steps reference. A plain Save with
+	// it and no Base is ErrInvalidArgument.
+	Incremental bool
 }
 
 // DefaultSaveOptions are the defaults (dsd_checkpoint_save_options_init).
@@ -51,12 +61,14 @@ func DefaultSaveOptions() SaveOptions {
 		BlockSize:         uint64(c.block_size),
 		EnablePlanCaching: bool(c.enable_plan_caching),
 		MaxStagingBytes:   uint64(c.max_staging_bytes),
+		Incremental:       bool(c.incremental),
 	}
 }
 
 // c converts o, from the C defaults, so that the fields SaveOptions does not have (the
-// format: always DSD_FORMAT_DSD) keep them. nil stays NULL.
-func (o *SaveOptions) c() *C.dsd_checkpoint_save_options {
+// format: always DSD_FORMAT_DSD) keep them. nil stays NULL. The Base string is made in cs,
+// which the caller frees after the call (C only borrows it; an async save copies it).
+func (o *SaveOptions) c(cs *cstrings) *C.dsd_checkpoint_save_options {
 	if o == nil {
 		return nil
 	}
@@ -69,6 +81,10 @@ func (o *SaveOptions) c() *C.dsd_checkpoint_save_options {
 	c.block_size = C.uint64_t(o.BlockSize)
 	c.enable_plan_caching = C.bool(o.EnablePlanCaching)
 	c.max_staging_bytes = C.uint64_t(o.MaxStagingBytes)
+	if o.Base != "" {
+		c.base = cs.add(o.Base)
+	}
+	c.incremental = C.bool(o.Incremental)
 	return &c
 }
 
@@ -146,10 +162,11 @@ func SaveContext(ctx context.Context, comm *Comm, sd *StateDict, path string, op
 		return err
 	}
 	defer comm.release()
-	cpath := C.CString(path)
-	defer C.free(unsafe.Pointer(cpath))
+	var cs cstrings
+	defer cs.free()
+	cpath := cs.add(path)
 	var e *C.dsd_error
-	err := wrap(C.dsd_checkpoint_save(commPtr(comm), sdPtr(sd), cpath, opts.c(), &e), e)
+	err := wrap(C.dsd_checkpoint_save(commPtr(comm), sdPtr(sd), cpath, opts.c(&cs), &e), e)
 	runtime.KeepAlive(comm)
 	runtime.KeepAlive(sd)
 	return err
@@ -218,8 +235,9 @@ func (a *AsyncCheckpointer) SaveAsync(sd *StateDict, path string, opts *SaveOpti
 
 // saveAsync is SaveAsync waiting for the communicator's turn no longer than ctx.
 func (a *AsyncCheckpointer) saveAsync(ctx context.Context, sd *StateDict, path string, opts *SaveOptions) (*Future, error) {
-	cpath := C.CString(path)
-	defer C.free(unsafe.Pointer(cpath))
+	var cs cstrings
+	defer cs.free()
+	cpath := cs.add(path)
 	if a != nil {
 		if err := a.comm.acquire(ctx); err != nil {
 			return nil, err
@@ -230,7 +248,7 @@ func (a *AsyncCheckpointer) saveAsync(ctx context.Context, sd *StateDict, path s
 	}
 	var out *C.dsd_future
 	var e *C.dsd_error
-	err := wrap(C.dsd_checkpoint_save_async(checkpointerPtr(a), sdPtr(sd), cpath, opts.c(), &out, &e), e)
+	err := wrap(C.dsd_checkpoint_save_async(checkpointerPtr(a), sdPtr(sd), cpath, opts.c(&cs), &out, &e), e)
 	runtime.KeepAlive(sd)
 	if err != nil {
 		return nil, err
@@ -419,6 +437,33 @@ func CheckpointVerify(path string) error {
 	return wrap(C.dsd_checkpoint_verify(cpath, &e), e)
 }
 
+// GCReport is what CheckpointGC removed (dsd_checkpoint_gc_report).
+type GCReport struct {
+	RetiredRemoved int64  // retired checkpoint directories removed whole
+	FilesRemoved   int64  // unreferenced data files removed from retired ones kept
+	BytesRemoved   uint64 // bytes of everything removed
+}
+
+// CheckpointGC collects the incremental checkpoints under root as a manager's retention
+// does (dsd_checkpoint_gc): a retired checkpoint (its checkpoint.json renamed to
+// checkpoint.retired.json) loses the data files no live checkpoint of root references, and
+// is removed whole once none is referenced. The references are counted before anything is
+// removed, so a kill at any moment leaves every live checkpoint loadable. Not collective:
+// one process runs it, while no save takes a retired checkpoint as its base. ErrNotFound
+// when there is no root, ErrIO (also for a live manifest that cannot be read: nothing is
+// removed then).
+func CheckpointGC(root string) (GCReport, error) {
+	croot := C.CString(root)
+	defer C.free(unsafe.Pointer(croot))
+	var out C.dsd_checkpoint_gc_report
+	var e *C.dsd_error
+	if err := wrap(C.dsd_checkpoint_gc(croot, &out, &e), e); err != nil {
+		return GCReport{}, err
+	}
+	return GCReport{RetiredRemoved: int64(out.retired_removed), FilesRemoved: int64(out.files_removed),
+		BytesRemoved: uint64(out.bytes_removed)}, nil
+}
+
 // CheckpointManager saves to root/step_<N>, moves a `latest` file after each commit and
 // keeps the newest keepLast complete checkpoints (dsd_checkpoint_manager). Its saves and
 // loads are collective over the communicator it was made with, which it keeps; its
@@ -481,8 +526,10 @@ func (m *CheckpointManager) turn() *Comm {
 // (dsd_checkpoint_manager_save). Collective.
 func (m *CheckpointManager) Save(sd *StateDict, step int64, opts *SaveOptions) error {
 	defer m.turn().release()
+	var cs cstrings
+	defer cs.free()
 	var e *C.dsd_error
-	err := wrap(C.dsd_checkpoint_manager_save(managerPtr(m), sdPtr(sd), C.int64_t(step), opts.c(), &e), e)
+	err := wrap(C.dsd_checkpoint_manager_save(managerPtr(m), sdPtr(sd), C.int64_t(step), opts.c(&cs), &e), e)
 	runtime.KeepAlive(m)
 	runtime.KeepAlive(sd)
 	return err
@@ -492,9 +539,11 @@ func (m *CheckpointManager) Save(sd *StateDict, step int64, opts *SaveOptions) e
 // follow the commit (dsd_checkpoint_manager_save_async). Collective.
 func (m *CheckpointManager) SaveAsync(sd *StateDict, step int64, opts *SaveOptions) (*Future, error) {
 	defer m.turn().release()
+	var cs cstrings
+	defer cs.free()
 	var out *C.dsd_future
 	var e *C.dsd_error
-	err := wrap(C.dsd_checkpoint_manager_save_async(managerPtr(m), sdPtr(sd), C.int64_t(step), opts.c(), &out, &e), e)
+	err := wrap(C.dsd_checkpoint_manager_save_async(managerPtr(m), sdPtr(sd), C.int64_t(step), opts.c(&cs), &out, &e), e)
 	runtime.KeepAlive(m)
 	runtime.KeepAlive(sd)
 	if err != nil {

@@ -408,4 +408,5 @@ class CheckpointManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"dsd.CheckpointManager({self.root!r}, keep_last={self.keep_last})"
+        incremental = ", incremental=True" if self.incremental else ""
+        return f"dsd.CheckpointManager({self.root!r}, keep_last={self.keep_last}{incremental})"
